@@ -1,0 +1,1 @@
+from foundry.version import __version__

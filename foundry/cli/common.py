@@ -1,0 +1,38 @@
+"""What every verb shares: logging set-up and turning user errors into a message and an exit code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from foundry.errors import FoundryError
+
+
+def setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+    logging.basicConfig(level=level, format=f"{'' if rank == 0 else f'[rank {rank}] '}%(message)s", handlers=[handler])
+    for noisy in ("streaming", "torch.distributed", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(error: FoundryError) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise SystemExit(error.exit_code)
+
+
+def run_guarded(app: typer.Typer, argv: list[str]) -> None:
+    setup_logging()
+    try:
+        app(args=argv, prog_name="foundry", standalone_mode=True)
+    except FoundryError as e:
+        fail(e)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)

@@ -1,0 +1,72 @@
+"""`foundry convert to-hf | from-hf`: move weights between foundry checkpoints and Hugging Face folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Convert checkpoints to and from Hugging Face (stock transformers MptForCausalLM).", no_args_is_help=True)
+
+
+def checkpoint_config(path: Path):
+    """The TrainConfig a checkpoint was written with (not validated: its data may live elsewhere)."""
+    import yaml
+
+    from foundry.config.load import from_dict
+    from foundry.config.schema import TrainConfig
+    from foundry.train.checkpoint import read_config_yaml
+
+    return from_dict(TrainConfig, yaml.safe_load(read_config_yaml(path)) or {})
+
+
+@app.command("to-hf")
+def to_hf(
+    run_or_checkpoint: Path = typer.Argument(..., help="A run folder (its newest complete checkpoint) or one checkpoint folder."),
+    out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face folder."),
+    dtype: str = typer.Option("float32", help="Weight dtype in the exported files: float32 or bfloat16."),
+    tokenizer: str = typer.Option(None, help="Tokenizer folder to copy in (default: the run's tokenizer.name)."),
+) -> None:
+    """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code).
+
+    Examples:
+
+      foundry convert to-hf runs/tiny-cpu hf/tiny-cpu
+
+      foundry convert to-hf runs/tiny-cpu/checkpoints/step-00000100 hf/tiny --dtype bfloat16
+    """
+    from foundry.convert.hf import export_hf
+    from foundry.train.checkpoint import load_model_weights, resolve_checkpoint
+
+    path = resolve_checkpoint(run_or_checkpoint)
+    cfg = checkpoint_config(path)
+    state = load_model_weights(path)
+    vocab_size = state["transformer.wte.weight"].shape[0]
+    export_hf(state, cfg.model, vocab_size, out_dir, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype)
+    typer.echo(f"wrote {out_dir} from {path}")
+
+
+@app.command("from-hf")
+def from_hf(
+    hf_dir: Path = typer.Argument(..., help="A local Hugging Face MPT folder (saved by transformers, or a released MPT checkpoint)."),
+    out: Path = typer.Argument(..., help="Where to write the foundry weights checkpoint."),
+) -> None:
+    """Import a Hugging Face MPT folder as a foundry checkpoint; start training from it with load_path=OUT.
+
+    Examples:
+
+      foundry convert from-hf ./mpt-7b weights/mpt-7b
+
+      foundry pretrain yamls/pretrain/mpt-7b.yaml load_path=weights/mpt-7b
+    """
+    from foundry.config.load import to_yaml
+    from foundry.config.schema import TokenizerConfig, TrainConfig
+    from foundry.convert.hf import import_hf
+    from foundry.train.checkpoint import save_weights
+
+    state, model_cfg, vocab_size = import_hf(hf_dir)
+    model_cfg.vocab_size = vocab_size
+    has_tokenizer = any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    cfg = TrainConfig(model=model_cfg, tokenizer=TokenizerConfig(name=str(Path(hf_dir).resolve()) if has_tokenizer else None))
+    save_weights(out, state, to_yaml(cfg))
+    typer.echo(f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters); train from it with load_path={out}")

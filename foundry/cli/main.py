@@ -1,0 +1,42 @@
+"""`foundry` — the command line. Each verb lives in its own module; this file only wires them up."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from foundry.cli import convert, evaluate, plan, train_cmds
+from foundry.cli.common import run_guarded
+
+app = typer.Typer(
+    name="foundry",
+    help="Train MPT-style language models from one YAML: prepare data, plan, pretrain, evaluate, convert.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+app.command("pretrain", context_settings=_EXTRA)(train_cmds.pretrain)
+app.command("finetune", context_settings=_EXTRA)(train_cmds.finetune)
+app.command("eval", context_settings=_EXTRA)(evaluate.eval_cmd)
+app.command("plan", context_settings=_EXTRA)(plan.plan)
+app.add_typer(convert.app, name="convert")
+
+
+def _add_data_prep() -> None:
+    from foundry.cli import data_prep
+
+    app.add_typer(data_prep.app, name="data-prep")
+
+
+_add_data_prep()
+
+
+def main() -> None:
+    run_guarded(app, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""`foundry pretrain` and `foundry finetune`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+log = logging.getLogger("foundry")
+
+CONFIG_ARG = typer.Argument(..., help="A run YAML, e.g. yamls/pretrain/tiny-cpu.yaml.", exists=False)
+OVERRIDES_ARG = typer.Argument(
+    None,
+    help="Hydra-style overrides: key=value (optimizer.lr=3e-4), +key=value (add), ~key (remove), "
+    "group=option (model=mpt-125m).",
+    show_default=False,
+)
+NPROC_OPT = typer.Option(
+    None, "--nproc", help="Start N local processes with torchrun (gloo on CPU, NCCL on GPUs).", show_default=False
+)
+
+
+def _launch_torchrun(verb: str, nproc: int, config: Path, overrides: list[str]) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "foundry.cli.main", verb, str(config), *overrides,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def _run(verb: str, config: Path, overrides: list[str], nproc: int | None, require_load_path: bool) -> None:
+    from foundry.config.load import load_config
+
+    overrides = list(overrides or [])
+    cfg = load_config(config, overrides)  # fail fast, before torchrun starts N processes
+    if require_load_path and not cfg.load_path:
+        from foundry.errors import ConfigError
+
+        raise ConfigError("finetune starts from weights: set load_path=RUN_OR_CHECKPOINT", "load_path")
+    if nproc and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _launch_torchrun(verb, nproc, config, overrides)
+    from foundry.train.trainer import train
+
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        parts = [f"done: {result.step} steps, {result.tokens:,} tokens"]
+        if result.first_loss is not None:
+            parts.append(f"train loss {result.first_loss:.4f} -> {result.last_loss:.4f}")
+        if result.last_eval_loss is not None:
+            parts.append(f"eval loss {result.last_eval_loss:.4f}")
+        parts.append(f"run dir {result.run_dir}")
+        typer.echo("; ".join(parts))
+
+
+def pretrain(config: Path = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG, nproc: int = NPROC_OPT) -> None:
+    """Pretrain a model from a YAML.
+
+    Rerunning the same command resumes from the newest complete checkpoint in save_folder
+    (autoresume=false turns that off).
+
+    Examples:
+
+      foundry pretrain yamls/pretrain/tiny-cpu.yaml
+
+      foundry pretrain yamls/pretrain/tiny-cpu.yaml max_duration=30ba save_folder=/tmp/run optimizer.lr=1e-3
+
+      foundry pretrain --nproc 2 yamls/pretrain/tiny-cpu.yaml
+    """
+    _run("pretrain", config, overrides, nproc, require_load_path=False)
+
+
+def finetune(config: Path = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG, nproc: int = NPROC_OPT) -> None:
+    """Continue training from existing weights (load_path=...), with a fresh optimizer and schedule.
+
+    Examples:
+
+      foundry convert from-hf ./my-mpt ./weights/my-mpt
+
+      foundry finetune yamls/pretrain/tiny-cpu.yaml load_path=./weights/my-mpt run_name=ft
+    """
+    _run("finetune", config, overrides, nproc, require_load_path=True)

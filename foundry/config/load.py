@@ -1,0 +1,234 @@
+"""YAML + overrides -> a validated TrainConfig, before any work starts.
+
+Composition is Hydra's (``defaults:`` from config groups under ``yamls/``, ``key=value``, ``+key``,
+``~key``). Checking is ours: every key is matched against the dataclasses in ``schema.py``; an
+unknown key fails with its dotted path and the nearest valid one, and a bad value with what to write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from foundry.config.schema import TrainConfig
+from foundry.errors import ConfigError
+
+PACKAGE_YAMLS = Path(__file__).resolve().parents[2] / "yamls"
+
+
+def search_paths(config_path: Path) -> list[Path]:
+    """Where config groups (model/, data/, ...) are looked up: a `yamls/` folder the config sits in, then ours."""
+    paths = [p for p in config_path.resolve().parents if p.name == "yamls"][:1]
+    if PACKAGE_YAMLS.is_dir() and PACKAGE_YAMLS not in paths:
+        paths.append(PACKAGE_YAMLS)
+    return paths
+
+
+def config_groups(paths: list[Path]) -> set[str]:
+    return {d.name for p in paths for d in p.iterdir() if d.is_dir()}
+
+
+# --- the schema as a tree of dotted paths -------------------------------------------------------
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def schema_paths(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every valid dotted key, with `<name>` standing for user-chosen dict keys (stream names)."""
+    out = []
+    for name, tp in _hints(cls).items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        tp = _unwrap_optional(tp)
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            out += schema_paths(tp, path + ".")
+        elif origin is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            out += schema_paths(typing.get_args(tp)[1], path + ".<name>.")
+        elif origin is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out += schema_paths(typing.get_args(tp)[0], path + "[].")
+    return out
+
+
+def _matches(pattern: str, key: str) -> bool:
+    """`data.streams.<name>.local` matches `data.streams.c4.local`."""
+    cparts, parts = pattern.split("."), key.split(".")
+    return len(cparts) == len(parts) and all(c in ("<name>", p) for c, p in zip(cparts, parts, strict=True))
+
+
+def _siblings(key: str) -> list[str]:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    return [
+        p.rsplit(".", 1)[-1]
+        for p in schema_paths()
+        if (p.rsplit(".", 1)[0] if "." in p else "") == parent or ("." in p and _matches(p.rsplit(".", 1)[0], parent))
+    ]
+
+
+def _suggest(path: str, valid_here: list[str]) -> str:
+    """Nearest valid key: first among siblings, then anywhere in the schema (`lr` -> `optimizer.lr`)."""
+    leaf = path.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid_here, n=1, cutoff=0.6)
+    if close:
+        parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+        return f"; did you mean {parent}{close[0]}?"
+    everywhere = schema_paths()
+    by_leaf = [p for p in everywhere if p.rsplit(".", 1)[-1] == leaf]
+    if by_leaf:
+        return f"; did you mean {by_leaf[0]}?"
+    close = difflib.get_close_matches(path, everywhere, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+# --- dict -> dataclass, with type checks ---------------------------------------------------------
+
+_SCALARS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    tp_inner = _unwrap_optional(tp)
+    optional = tp_inner is not tp
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError("must be set (got null)", path)
+    tp = tp_inner
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"must be a mapping of {tp.__name__} keys, got {value!r}", path)
+        return from_dict(tp, value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"must be a mapping, got {value!r}", path)
+        val_tp = typing.get_args(tp)[1]
+        return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"must be a list, got {value!r}", path)
+        item_tp = typing.get_args(tp)[0]
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, got {value!r}", path)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"must be an integer, got {value!r}", path)
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML reads 3e-4 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, got {value!r}", path)
+        return float(value)
+    if tp is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"must be a string, got {value!r}", path)
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown key{_suggest(full, list(hints))}", full)
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# --- composition ---------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\[\]<>-]*)(?P<rest>=.*)?$")
+
+
+def _schema_key_ok(key: str) -> bool:
+    """Is `key` (dotted, maybe through user-named dict entries) a path in the schema?"""
+    return any(_matches(candidate, key) for candidate in schema_paths())
+
+
+def _prepare_overrides(overrides: list[str], groups: set[str]) -> list[str]:
+    """Check override keys against the schema, then let a plain `key=value` set keys the YAML left out."""
+    out = []
+    for raw in overrides:
+        match = _OVERRIDE.match(raw)
+        if not match:
+            raise ConfigError(f"cannot read override {raw!r}; write key=value, +key=value or ~key")
+        prefix, key, rest = match.group("prefix") or "", match.group("key"), match.group("rest")
+        if key in groups and prefix == "":
+            out.append(raw)  # a group choice such as model=mpt-7b
+            continue
+        if key.startswith("hydra"):
+            out.append(raw)
+            continue
+        if not _schema_key_ok(key):
+            raise ConfigError(f"unknown key in override {raw!r}{_suggest(key, _siblings(key))}", key)
+        if prefix == "" and rest is not None:
+            out.append(f"++{key}{rest}")  # schema keys may be absent from the YAML; `++` adds or replaces
+        else:
+            out.append(raw)
+    return out
+
+
+def compose_dict(config_path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Hydra composition of the YAML at `config_path` with `overrides`, resolved to plain Python."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    paths = search_paths(path)
+    overrides = _prepare_overrides(list(overrides), config_groups(paths))
+    searchpath = "hydra.searchpath=[" + ",".join(f"file://{p}" for p in paths) + "]"
+    try:
+        with initialize_config_dir(config_dir=str(path.resolve().parent), version_base=None):
+            cfg = compose(config_name=path.stem, overrides=[searchpath, *overrides])
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: {str(e).strip()}") from None
+    data.pop("hydra", None)
+    return data
+
+
+def load_config(config_path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    cfg = from_dict(TrainConfig, compose_dict(config_path, overrides))
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,327 @@
+"""The typed schema every YAML is checked against before any work starts.
+
+Key names follow llm-foundry where the concept is the same, so its YAMLs port with few edits.
+Each dataclass validates its own values in ``validate(path)``; cross-field checks live in
+``TrainConfig.validate``. Unknown keys are caught by the loader (foundry.config.load), which walks
+these dataclasses and suggests the nearest valid name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from foundry.config.duration import Duration
+from foundry.errors import ConfigError
+
+ATTN_IMPLS = ("auto", "torch", "flex", "flash")
+OPTIMIZERS = ("decoupled_lionw", "lion", "adamw", "decoupled_adamw")
+SCHEDULERS = (
+    "cosine_with_warmup",
+    "linear_decay_with_warmup",
+    "constant_with_warmup",
+    "inv_sqrt_with_warmup",
+)
+PRECISIONS = ("auto", "fp32", "amp_bf16")
+MIXED_PRECISIONS = ("PURE", "DEFAULT", "FULL")
+SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
+
+
+def _positive(value: float, path: str, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", path)
+
+
+def _one_of(value: str, choices: tuple[str, ...], path: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", path)
+
+
+@dataclass
+class AttnConfig:
+    attn_impl: str = "auto"  # auto: flex on CUDA, torch (SDPA + materialized ALiBi) elsewhere
+    alibi: bool = True
+    alibi_bias_max: int = 8
+    qk_ln: bool = False
+    clip_qkv: float | None = None
+    softmax_scale: float | None = None
+    attn_pdrop: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _one_of(self.attn_impl, ATTN_IMPLS, f"{path}.attn_impl")
+        if not self.alibi:
+            raise ConfigError("only ALiBi position encoding is supported (MPT's); set alibi: true", f"{path}.alibi")
+        _positive(self.alibi_bias_max, f"{path}.alibi_bias_max")
+        if self.clip_qkv is not None:
+            _positive(self.clip_qkv, f"{path}.clip_qkv")
+        _positive(self.attn_pdrop, f"{path}.attn_pdrop", allow_zero=True)
+
+
+@dataclass
+class InitConfig:
+    name: str = "kaiming_normal_"  # MPT's default; also "normal_" with init_std
+    fan_mode: str = "fan_in"
+    init_nonlinearity: str = "relu"
+    init_div_is_residual: bool = True
+    init_std: float | None = None
+    emb_init_std: float | None = None
+    init_gain: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _one_of(self.name, ("kaiming_normal_", "normal_"), f"{path}.name")
+        if self.name == "normal_" and self.init_std is None:
+            raise ConfigError("normal_ init needs init_std", f"{path}.init_std")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mpt_causal_lm"
+    d_model: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    expansion_ratio: float = 4
+    max_seq_len: int = 2048
+    # None: the tokenizer's size. Always padded up to a multiple of 128 (50257 -> 50432).
+    vocab_size: int | None = None
+    no_bias: bool = True
+    norm_type: str = "low_precision_layernorm"
+    layer_norm_epsilon: float = 1e-5
+    emb_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    logit_scale: float | None = None
+    attn_config: AttnConfig = field(default_factory=AttnConfig)
+    init_config: InitConfig = field(default_factory=InitConfig)
+
+    def validate(self, path: str) -> None:
+        _one_of(self.name, ("mpt_causal_lm",), f"{path}.name")
+        for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "expansion_ratio"):
+            _positive(getattr(self, key), f"{path}.{key}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}", f"{path}.d_model")
+        if self.vocab_size is not None:
+            _positive(self.vocab_size, f"{path}.vocab_size")
+        _one_of(self.norm_type, ("low_precision_layernorm", "layernorm"), f"{path}.norm_type")
+        self.attn_config.validate(f"{path}.attn_config")
+        self.init_config.validate(f"{path}.init_config")
+
+
+@dataclass
+class TokenizerConfig:
+    # A local folder (AutoTokenizer.from_pretrained) or a hub name such as EleutherAI/gpt-neox-20b.
+    name: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StreamConfig:
+    local: str | None = None
+    remote: str | None = None
+    proportion: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+    # Token count of the source, for `foundry plan` when its manifest is not on this machine.
+    tokens: float | None = None
+    split: str | None = None
+
+    def validate(self, path: str) -> None:
+        if not self.local and not self.remote:
+            raise ConfigError("a stream needs `local` (a folder) or `remote` (a URL)", path)
+        if not self.remote and not Path(self.local).exists():
+            raise ConfigError(
+                f"no such folder {self.local!r}; prepare it with `foundry data-prep text ... --out DIR` "
+                "or give `remote:` to stream it",
+                f"{path}.local",
+            )
+        given = [k for k in ("proportion", "repeat", "choose") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"set at most one of proportion/repeat/choose, got {', '.join(given)}", path)
+        if self.proportion is not None:
+            _positive(self.proportion, f"{path}.proportion")
+        if self.repeat is not None:
+            _positive(self.repeat, f"{path}.repeat")
+        if self.choose is not None:
+            _positive(self.choose, f"{path}.choose")
+        if self.tokens is not None:
+            _positive(self.tokens, f"{path}.tokens")
+
+
+@dataclass
+class DataConfig:
+    streams: dict[str, StreamConfig] = field(default_factory=dict)
+    eval_streams: dict[str, StreamConfig] = field(default_factory=dict)
+    shuffle: bool = True
+    shuffle_seed: int | None = None  # None: the run's seed
+    # Streaming's elastic-determinism knob: keep it fixed across resumes on different world sizes.
+    num_canonical_nodes: int | None = None
+    num_workers: int = 2
+    prefetch_factor: int | None = 2
+    # Streaming's per-batch source choice (MPT-7B: "samples for each batch come from one source").
+    batching_method: str = "random"
+    cache_limit: str | None = None
+
+    def validate(self, path: str) -> None:
+        if not self.streams:
+            raise ConfigError("no training streams; add data.streams.<name>.local", f"{path}.streams")
+        for name, stream in self.streams.items():
+            stream.validate(f"{path}.streams.{name}")
+        for name, stream in self.eval_streams.items():
+            stream.validate(f"{path}.eval_streams.{name}")
+        _positive(self.num_workers, f"{path}.num_workers", allow_zero=True)
+        _one_of(self.batching_method, ("random", "per_stream", "stratified", "device_per_stream"), f"{path}.batching_method")
+
+
+@dataclass
+class PhaseConfig:
+    """One stage of a sequence-length curriculum (MPT-7B-8k: 2048 tokens, then 8192)."""
+
+    name: str = "main"
+    max_seq_len: int = 2048
+    duration: str = "1ba"
+    data: DataConfig | None = None  # None: the run's data
+    global_train_batch_size: int | None = None  # None: keep tokens per step of the first phase
+
+    def validate(self, path: str) -> None:
+        _positive(self.max_seq_len, f"{path}.max_seq_len")
+        Duration.parse(self.duration, f"{path}.duration")
+        if self.data is not None:
+            self.data.validate(f"{path}.data")
+        if self.global_train_batch_size is not None:
+            _positive(self.global_train_batch_size, f"{path}.global_train_batch_size")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "decoupled_lionw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+    def validate(self, path: str) -> None:
+        _one_of(self.name, OPTIMIZERS, f"{path}.name")
+        _positive(self.lr, f"{path}.lr")
+        _positive(self.weight_decay, f"{path}.weight_decay", allow_zero=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}", f"{path}.betas")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_with_warmup"
+    t_warmup: str = "0ba"
+    alpha_f: float = 0.1
+    t_max: str | None = None  # None: the run's length
+    t_scale: str = "1ba"  # inv_sqrt_with_warmup's time scale
+
+    def validate(self, path: str) -> None:
+        _one_of(self.name, SCHEDULERS, f"{path}.name")
+        if self.t_warmup not in ("0ba", "0tok"):
+            Duration.parse(self.t_warmup, f"{path}.t_warmup")
+        if self.t_max is not None:
+            Duration.parse(self.t_max, f"{path}.t_max")
+        Duration.parse(self.t_scale, f"{path}.t_scale")
+        _positive(self.alpha_f, f"{path}.alpha_f", allow_zero=True)
+
+
+@dataclass
+class FSDPConfig:
+    sharding_strategy: str = "FULL_SHARD"
+    replicate_degree: int | None = None  # HYBRID_SHARD: number of replica groups
+    mixed_precision: str = "PURE"
+    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing_every: int = 1  # selective: checkpoint every k-th block
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+    def validate(self, path: str) -> None:
+        _one_of(self.sharding_strategy, SHARDING, f"{path}.sharding_strategy")
+        _one_of(self.mixed_precision, MIXED_PRECISIONS, f"{path}.mixed_precision")
+        _one_of(self.activation_checkpointing, ("none", "full", "selective"), f"{path}.activation_checkpointing")
+        _positive(self.activation_checkpointing_every, f"{path}.activation_checkpointing_every")
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "online"  # online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggersConfig:
+    wandb: WandbConfig | None = None
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "run"
+    seed: int = 17
+    max_seq_len: int = 2048
+    max_duration: str | None = None  # required unless phases: are given
+    global_train_batch_size: int = 8
+    device_train_microbatch_size: int = 1
+    device_eval_batch_size: int = 1
+    eval_interval: str | None = None
+    eval_subset_num_batches: int = -1  # -1: the whole eval set
+    save_folder: str | None = None  # None: runs/<run_name>
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1  # -1: keep all
+    save_async: bool = False
+    save_grace_period_s: float = 120.0  # SIGTERM: finish the step, save, exit within this
+    autoresume: bool = True
+    load_path: str | None = None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
+    precision: str = "auto"  # auto: amp_bf16 on CUDA, fp32 on CPU
+    grad_clip_norm: float | None = 1.0
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
+    log_interval: str = "1ba"
+    progress_bar: bool = True
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    dist_timeout_s: float = 600.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    phases: list[PhaseConfig] | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.save_folder or f"runs/{self.run_name}"
+
+    def validate(self) -> None:
+        for key in ("global_train_batch_size", "device_train_microbatch_size", "device_eval_batch_size", "max_seq_len"):
+            _positive(getattr(self, key), key)
+        _one_of(self.precision, PRECISIONS, "precision")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "device")
+        for key in ("save_interval", "log_interval") + (("eval_interval",) if self.eval_interval else ()):
+            Duration.parse(getattr(self, key), key)
+        if self.grad_clip_norm is not None:
+            _positive(self.grad_clip_norm, "grad_clip_norm")
+        self.model.validate("model")
+        self.optimizer.validate("optimizer")
+        self.scheduler.validate("scheduler")
+        self.fsdp_config.validate("fsdp_config")
+        self.data.validate("data")
+        if self.phases:
+            if self.max_duration is not None:
+                raise ConfigError("give either max_duration or phases (each with its duration), not both", "max_duration")
+            for i, phase in enumerate(self.phases):
+                phase.validate(f"phases[{i}]")
+            longest = max(p.max_seq_len for p in self.phases)
+        else:
+            if self.max_duration is None:
+                raise ConfigError("required: how long to train, e.g. max_duration: 2000ba or 10Btok", "max_duration")
+            Duration.parse(self.max_duration, "max_duration")
+            longest = self.max_seq_len
+        if longest > self.model.max_seq_len:
+            raise ConfigError(
+                f"the model's max_seq_len ({self.model.max_seq_len}) must cover the longest training sequence "
+                f"({longest}); raise model.max_seq_len",
+                "model.max_seq_len",
+            )

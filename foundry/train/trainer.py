@@ -1,0 +1,439 @@
+"""The training loop. One screen: build, resume, then step / log / evaluate / save until the plan ends.
+
+What happens between steps (logging, evaluation, checkpoints, preemption) is decided by small helpers
+below the loop, so the loop itself reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from foundry.config.duration import Duration
+from foundry.config.load import to_yaml
+from foundry.config.schema import TrainConfig
+from foundry.errors import FoundryError
+from foundry.train import checkpoint as ckpt
+from foundry.train import dist as fdist
+from foundry.train.plan import PhasePlan, RunPlan, make_plan
+
+log = logging.getLogger("foundry")
+
+
+@dataclass
+class TrainState:
+    """Everything besides model and optimizer that a resume must restore."""
+
+    step: int = 0
+    tokens: int = 0
+    phase_index: int = 0
+    loader_state: dict | None = None
+    bad_steps_in_row: int = 0
+    bad_steps_total: int = 0
+    wandb_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    first_loss: float | None
+    last_loss: float | None
+    first_eval_loss: float | None
+    last_eval_loss: float | None
+    run_dir: str
+    preempted: bool = False
+
+
+class AppState:
+    """Model + optimizer as DCP sees them; get/set_state_dict handle FSDP2 shards and resharding."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, sd):
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def resolve_vocab_size(cfg: TrainConfig) -> int:
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    if not cfg.tokenizer.name:
+        raise FoundryError("set model.vocab_size or tokenizer.name (the model's vocabulary comes from one of them)")
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(cfg.tokenizer.name, **cfg.tokenizer.kwargs))
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "amp_bf16" if device.type == "cuda" else "fp32"
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from foundry.models.build import build_model, init_weights, num_params
+        from foundry.train.flops import flops_per_token, peak_flops
+        from foundry.train.optim import build_optimizer
+        from foundry.train.parallel import parallelize
+        from foundry.train.schedulers import build_scheduler
+
+        self.cfg = cfg
+        self.env = fdist.setup(cfg.device, cfg.dist_timeout_s)
+        self.plan: RunPlan = make_plan(cfg)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
+        self.precision = resolve_precision(cfg, self.env.device)
+        torch.manual_seed(cfg.seed)
+
+        self.vocab_size = resolve_vocab_size(cfg)
+        model = build_model(cfg.model, vocab_size=self.vocab_size, device="meta")
+        self.n_params = num_params(model)
+        self.model = parallelize(model, self.env, cfg.fsdp_config, self.precision, cfg.compile)
+        self.model.to_empty(device=self.env.device)
+        init_weights(self.model, cfg.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.scheduler, self.plan.total_steps, self.plan.phases[0].tokens_per_step
+        )
+        self.peak = peak_flops(self.env.device)
+        self._flops_per_token = lambda seq_len: flops_per_token(cfg.model, self.n_params, seq_len)
+        self.state = TrainState()
+        self.loader = None
+        self.loader_phase: int | None = None
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg, env, plan = self.cfg, self.env, self.plan
+        self._prepare_run_dir()
+        resumed_from = self._resume_or_load()
+        loggers = self._open_loggers(resumed_from)
+        self._install_signal_handlers()
+        first_loss = last_loss = first_eval = last_eval = None
+        window = _Window()
+        try:
+            while self.state.step < plan.total_steps:
+                phase = plan.phase_at(self.state.step)
+                batches = self._loader_for(phase).next_step()
+                window.start()
+                loss, grad_norm, ok = self.train_step(batches)
+                self.state.step += 1
+                self.state.tokens += phase.tokens_per_step
+                window.add(phase.tokens_per_step)
+                self._count_bad_step(ok)
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                if self._due(cfg.log_interval, phase) or self.state.step == plan.total_steps:
+                    loggers.log(self._train_record(phase, loss, grad_norm, window.rate(env)))
+                    window.reset()
+                if cfg.eval_interval and self._due(cfg.eval_interval, phase) or self.state.step == plan.total_steps:
+                    eval_loss = self.evaluate(phase)
+                    if eval_loss is not None:
+                        first_eval = eval_loss if first_eval is None else first_eval
+                        last_eval = eval_loss
+                        loggers.log({"step": self.state.step, "tokens": self.state.tokens, "eval_loss": eval_loss})
+                stop = self._stop_agreed()
+                if self._due(cfg.save_interval, phase) or self.state.step == plan.total_steps or stop:
+                    self.save()
+                if stop:
+                    log.warning("stopping at step %d on request (SIGTERM); rerun the same command to continue", self.state.step)
+                    return self._result(first_loss, last_loss, first_eval, last_eval, preempted=True)
+        finally:
+            loggers.close()
+            if self.loader is not None:
+                self.loader.close()
+        return self._result(first_loss, last_loss, first_eval, last_eval)
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float | None, bool]:
+        """Forward/backward over the micro-batches of one step, then clip and update. (loss, grad norm, ok)."""
+        model, device = self.model, self.env.device
+        model.train()
+        n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        for i, batch in enumerate(batches):
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last micro-batch
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            weight = int((batch["labels"] != -100).sum()) / n_tokens
+            with self._autocast():
+                loss = model(input_ids, labels=labels) * weight
+            loss.backward()
+            total += loss.detach()
+        loss_value = fdist.all_reduce_mean(total)
+        grad_norm = None
+        if self.cfg.grad_clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm)
+            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        ok = bool(torch.isfinite(loss_value)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+        if ok:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(loss_value), (float(grad_norm) if grad_norm is not None else None), ok
+
+    @torch.no_grad()
+    def evaluate(self, phase: PhasePlan) -> float | None:
+        from foundry.data.loader import build_eval_loader
+
+        streams = phase.data.eval_streams
+        if not streams:
+            return None
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.env.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.env.device, dtype=torch.float64)
+        batches = build_eval_loader(
+            streams,
+            seq_len=phase.seq_len,
+            batch_rows=self.cfg.device_eval_batch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        for i, batch in enumerate(batches):
+            if 0 <= self.cfg.eval_subset_num_batches <= i:
+                break
+            labels = batch["labels"].to(self.env.device)
+            n = (labels != -100).sum()
+            with self._autocast():
+                loss = self.model(batch["input_ids"].to(self.env.device), labels=labels)
+            loss_sum += loss.double() * n
+            count += n
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loss_sum)
+            torch.distributed.all_reduce(count)
+        return float(loss_sum / count) if count > 0 else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        self.state.loader_state = self.loader.state_dict() if self.loader is not None else None
+        self.state.phase_index = self.loader_phase if self.loader_phase is not None else self.state.phase_index
+        trainer_state = {
+            "train": asdict(self.state),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "world_size": self.env.world_size,
+        }
+        t0 = time.perf_counter()
+        path = ckpt.save(
+            self.ckpt_root,
+            self.state.step,
+            {"app": AppState(self.model, self.optimizer)},
+            trainer_state,
+            to_yaml(self.cfg),
+            keep=self.cfg.save_num_checkpoints_to_keep,
+        )
+        if self.env.is_main:
+            log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+        return path
+
+    def _resume_or_load(self) -> Path | None:
+        """Autoresume from the newest complete checkpoint; else start from load_path's weights; else fresh."""
+        candidates = ckpt.list_complete(self.ckpt_root) if self.cfg.autoresume else []
+        candidates = fdist.broadcast_object([str(p) for p in candidates])
+        for path in reversed(candidates):
+            try:
+                trainer_state = ckpt.load(Path(path), {"app": AppState(self.model, self.optimizer)})
+            except Exception as e:  # a corrupt checkpoint: fall back to the one before it
+                log.warning("cannot load checkpoint %s (%s); trying the previous one", path, e)
+                continue
+            self.state = TrainState(**trainer_state["train"])
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+            if trainer_state.get("world_size") == self.env.world_size:
+                _set_rng_state(trainer_state["rng"])
+            if self.env.is_main:
+                log.info("resumed from %s at step %d (%d tokens)", path, self.state.step, self.state.tokens)
+            return Path(path)
+        if candidates:
+            raise FoundryError(f"none of the checkpoints in {self.ckpt_root} could be loaded")
+        if self.cfg.load_path:
+            self._load_weights(self.cfg.load_path)
+        return None
+
+    def _load_weights(self, load_path: str) -> None:
+        path = ckpt.resolve_checkpoint(load_path)
+        full = ckpt.load_model_weights(path)
+        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True, strict=True))
+        if self.env.is_main:
+            log.info("loaded weights from %s (fresh optimizer)", path)
+
+    # ------------------------------------------------------------------ helpers
+    def _loader_for(self, phase: PhasePlan):
+        from foundry.data.loader import build_phase_loader
+
+        if self.loader_phase == phase.index:
+            return self.loader
+        if self.loader is not None:
+            self.loader.close()
+        self.loader = build_phase_loader(
+            phase.data,
+            seq_len=phase.seq_len,
+            global_batch_rows=phase.global_batch_rows,
+            micro_batch_rows=self.cfg.device_train_microbatch_size,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            seed=self.cfg.seed,
+            phase_index=phase.index,
+        )
+        # A resume inside this phase continues its data; a fresh phase starts at its beginning.
+        if self.state.loader_state is not None and self.state.phase_index == phase.index:
+            self.loader.load_state_dict(self.state.loader_state)
+        self.loader_phase = phase.index
+        if self.env.is_main and phase.start_step < self.state.step < phase.end_step and self.state.loader_state is None:
+            log.warning("phase %s: no data-loader state to resume from; starting its data from the beginning", phase.name)
+        return self.loader
+
+    def _autocast(self):
+        if self.precision == "amp_bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _due(self, interval: str, phase: PhasePlan) -> bool:
+        steps = Duration.parse(interval).to_steps(phase.tokens_per_step)
+        return self.state.step % steps == 0
+
+    def _count_bad_step(self, ok: bool) -> None:
+        if ok:
+            self.state.bad_steps_in_row = 0
+            return
+        self.state.bad_steps_in_row += 1
+        self.state.bad_steps_total += 1
+        log.warning("step %d: loss or gradient is NaN/Inf; update skipped", self.state.step)
+        if self.state.bad_steps_in_row > self.cfg.max_bad_steps:
+            raise FoundryError(
+                f"{self.state.bad_steps_in_row} NaN/Inf steps in a row (max_bad_steps={self.cfg.max_bad_steps}); "
+                f"stopping. The last good checkpoint is in {self.ckpt_root}; lower optimizer.lr or check the data."
+            )
+
+    def _train_record(self, phase: PhasePlan, loss: float, grad_norm: float | None, tokens_per_s: float) -> dict:
+        per_device = tokens_per_s / self.env.world_size
+        record = {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "phase": phase.name,
+            "seq_len": phase.seq_len,
+            "bad_steps": self.state.bad_steps_total,
+            "total_steps": self.plan.total_steps,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if self.peak:
+            record["mfu"] = per_device * self._flops_per_token(phase.seq_len) / self.peak
+        return record
+
+    def _prepare_run_dir(self) -> None:
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _open_loggers(self, resumed_from: Path | None):
+        from foundry.train.loggers import open_loggers
+
+        return open_loggers(self, resumed_from)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        try:
+            signal.signal(signal.SIGTERM, request_stop)
+        except ValueError:  # not the main thread (e.g. called from a test harness thread)
+            pass
+
+    def _stop_agreed(self) -> bool:
+        """Every rank stops at the same step if any rank was asked to."""
+        flag = torch.tensor(float(self._stop_requested), device=self.env.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _result(self, first_loss, last_loss, first_eval, last_eval, preempted=False) -> TrainResult:
+        return TrainResult(
+            self.state.step,
+            self.state.tokens,
+            first_loss,
+            last_loss,
+            first_eval,
+            last_eval,
+            str(self.run_dir),
+            preempted,
+        )
+
+
+class _Window:
+    """Tokens per second over the steps since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.tokens, self.elapsed, self._t0 = 0, 0.0, None
+
+    def start(self):
+        self._t0 = time.perf_counter()
+
+    def add(self, tokens: int):
+        self.tokens += tokens
+        self.elapsed += time.perf_counter() - self._t0
+
+    def rate(self, env) -> float:
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        return self.tokens / self.elapsed if self.elapsed > 0 else math.nan
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        fdist.teardown()
