@@ -10,14 +10,12 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -30,6 +28,7 @@ from foundry.errors import FoundryError
 from foundry.train import checkpoint as ckpt
 from foundry.train import dist as fdist
 from foundry.train.plan import PhasePlan, RunPlan, make_plan
+from foundry.train.step import StepResult, autocast_for, train_step
 
 log = logging.getLogger("foundry")
 
@@ -78,7 +77,9 @@ def resolve_vocab_size(cfg: TrainConfig) -> int:
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     if not cfg.tokenizer.name:
-        raise FoundryError("set model.vocab_size or tokenizer.name (the model's vocabulary comes from one of them)")
+        raise FoundryError(
+            "set model.vocab_size or tokenizer.name (the model's vocabulary comes from one of them)"
+        )
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(cfg.tokenizer.name, **cfg.tokenizer.kwargs))
@@ -160,27 +161,35 @@ class Trainer:
                 phase = plan.phase_at(self.state.step)
                 batches = self._loader_for(phase).next_step()
                 window.start()
-                loss, grad_norm, ok = self.train_step(batches)
+                result = self.train_step(batches)
+                loss = result.loss
                 self.state.step += 1
                 self.state.tokens += phase.tokens_per_step
                 window.add(phase.tokens_per_step)
-                self._count_bad_step(ok)
+                self._count_bad_step(result.ok)
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
                 if self._due(cfg.log_interval, phase) or self.state.step == plan.total_steps:
-                    loggers.log(self._train_record(phase, loss, grad_norm, window.rate(env)))
+                    loggers.log(self._train_record(phase, loss, result.grad_norm, window.rate(env)))
                     window.reset()
-                if cfg.eval_interval and self._due(cfg.eval_interval, phase) or self.state.step == plan.total_steps:
+                if (
+                    cfg.eval_interval and self._due(cfg.eval_interval, phase)
+                ) or self.state.step == plan.total_steps:
                     eval_loss = self.evaluate(phase)
                     if eval_loss is not None:
                         first_eval = eval_loss if first_eval is None else first_eval
                         last_eval = eval_loss
-                        loggers.log({"step": self.state.step, "tokens": self.state.tokens, "eval_loss": eval_loss})
+                        loggers.log(
+                            {"step": self.state.step, "tokens": self.state.tokens, "eval_loss": eval_loss}
+                        )
                 stop = self._stop_agreed()
                 if self._due(cfg.save_interval, phase) or self.state.step == plan.total_steps or stop:
                     self.save()
                 if stop:
-                    log.warning("stopping at step %d on request (SIGTERM); rerun the same command to continue", self.state.step)
+                    log.warning(
+                        "stopping at step %d on request (SIGTERM); rerun the same command to continue",
+                        self.state.step,
+                    )
                     return self._result(first_loss, last_loss, first_eval, last_eval, preempted=True)
         finally:
             loggers.close()
@@ -188,33 +197,17 @@ class Trainer:
                 self.loader.close()
         return self._result(first_loss, last_loss, first_eval, last_eval)
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float | None, bool]:
-        """Forward/backward over the micro-batches of one step, then clip and update. (loss, grad norm, ok)."""
-        model, device = self.model, self.env.device
-        model.train()
-        n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-        total = torch.zeros((), device=device, dtype=torch.float32)
-        for i, batch in enumerate(batches):
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, after the last micro-batch
-                model.set_requires_gradient_sync(i == len(batches) - 1)
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
-            weight = int((batch["labels"] != -100).sum()) / n_tokens
-            with self._autocast():
-                loss = model(input_ids, labels=labels) * weight
-            loss.backward()
-            total += loss.detach()
-        loss_value = fdist.all_reduce_mean(total)
-        grad_norm = None
-        if self.cfg.grad_clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm)
-            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        ok = bool(torch.isfinite(loss_value)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
-        if ok:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        result = train_step(
+            self.model,
+            self.optimizer,
+            batches,
+            device=self.env.device,
+            precision=self.precision,
+            grad_clip_norm=self.cfg.grad_clip_norm,
+        )
         self.scheduler.step()
-        return float(loss_value), (float(grad_norm) if grad_norm is not None else None), ok
+        return result
 
     @torch.no_grad()
     def evaluate(self, phase: PhasePlan) -> float | None:
@@ -238,7 +231,7 @@ class Trainer:
                 break
             labels = batch["labels"].to(self.env.device)
             n = (labels != -100).sum()
-            with self._autocast():
+            with autocast_for(self.precision, self.env.device):
                 loss = self.model(batch["input_ids"].to(self.env.device), labels=labels)
             loss_sum += loss.double() * n
             count += n
@@ -250,7 +243,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         self.state.loader_state = self.loader.state_dict() if self.loader is not None else None
-        self.state.phase_index = self.loader_phase if self.loader_phase is not None else self.state.phase_index
+        self.state.phase_index = (
+            self.loader_phase if self.loader_phase is not None else self.state.phase_index
+        )
         trainer_state = {
             "train": asdict(self.state),
             "scheduler": self.scheduler.state_dict(),
@@ -322,14 +317,16 @@ class Trainer:
         if self.state.loader_state is not None and self.state.phase_index == phase.index:
             self.loader.load_state_dict(self.state.loader_state)
         self.loader_phase = phase.index
-        if self.env.is_main and phase.start_step < self.state.step < phase.end_step and self.state.loader_state is None:
-            log.warning("phase %s: no data-loader state to resume from; starting its data from the beginning", phase.name)
+        if (
+            self.env.is_main
+            and phase.start_step < self.state.step < phase.end_step
+            and self.state.loader_state is None
+        ):
+            log.warning(
+                "phase %s: no data-loader state to resume from; starting its data from the beginning",
+                phase.name,
+            )
         return self.loader
-
-    def _autocast(self):
-        if self.precision == "amp_bf16":
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
-        return nullcontext()
 
     def _due(self, interval: str, phase: PhasePlan) -> bool:
         steps = Duration.parse(interval).to_steps(phase.tokens_per_step)
@@ -348,7 +345,9 @@ class Trainer:
                 f"stopping. The last good checkpoint is in {self.ckpt_root}; lower optimizer.lr or check the data."
             )
 
-    def _train_record(self, phase: PhasePlan, loss: float, grad_norm: float | None, tokens_per_s: float) -> dict:
+    def _train_record(
+        self, phase: PhasePlan, loss: float, grad_norm: float | None, tokens_per_s: float
+    ) -> dict:
         per_device = tokens_per_s / self.env.world_size
         record = {
             "step": self.state.step,
@@ -376,9 +375,20 @@ class Trainer:
             torch.distributed.barrier()
 
     def _open_loggers(self, resumed_from: Path | None):
-        from foundry.train.loggers import open_loggers
+        from foundry.config.load import to_dict
+        from foundry.train.loggers import JsonlLogger, LoggerGroup, ProgressBar, WandbLogger, load_or_create_run_id
 
-        return open_loggers(self, resumed_from)
+        main = self.env.is_main
+        metrics = JsonlLogger(self.run_dir / "metrics.jsonl", enabled=main)
+        if main:  # steps after the checkpoint are redone: drop their old records so the file reads as one run
+            metrics.truncate_after(self.state.step)
+        loggers = [metrics, ProgressBar(self.plan.total_steps, self.state.step, use_bar=self.cfg.progress_bar, enabled=main)]
+        if self.cfg.loggers.wandb is not None:
+            run_id = load_or_create_run_id(self.run_dir / "wandb_id") if main else None
+            loggers.append(
+                WandbLogger(self.cfg.loggers.wandb, self.cfg.run_name, to_dict(self.cfg), run_id, self.run_dir, enabled=main)
+            )
+        return LoggerGroup(loggers)
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):

@@ -1,0 +1,155 @@
+"""Lion with decoupled weight decay, as llm-foundry's ``decoupled_lionw``.
+
+The math matches llm-foundry exactly so MPT hyperparameters carry over (DESIGN.md):
+
+    p  <- p * (1 - wd * lr / initial_lr)          # decay follows the schedule, not the raw lr
+    p  <- p - lr * sign(beta1 * m + (1 - beta1) * g)
+    m  <- beta2 * m + (1 - beta2) * g
+
+Scaling the decay by ``lr / initial_lr`` (not by ``lr``) is what makes ``weight_decay`` mean
+"the fraction the weights shrink per step at the peak learning rate": with lr=1e-4 and wd=1e-5 a plain
+``lr * wd`` decay would be 10,000 times weaker than the recipe intends.
+
+The step runs as a handful of ``torch._foreach`` kernels per group (``foreach=True``, the default);
+``foreach=False`` runs the same math tensor by tensor and is the reference the tests compare against.
+Both are memory-bound; foreach saves the kernel launches of many small tensors (on an H100: 2.4 vs
+17.7 ms for 300 small tensors, 10.7 vs 11.2 ms for 192 FSDP-sized shards, 24 vs 21 ms for 18 huge ones).
+Both work on DTensor parameters (FSDP2 shards): every op is elementwise, so each rank updates its shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The foreach path holds one temporary (the update) for the tensors of a chunk; bounding the chunk
+# keeps that at ~256 MiB of fp32 instead of a full second copy of the parameters.
+_CHUNK_ELEMENTS = 64 * 2**20
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    to_local = getattr(p, "to_local", None)  # DTensor: count this rank's shard, not the global size
+    return to_local().numel() if to_local is not None else p.numel()
+
+
+def _chunks(params: list[torch.Tensor]) -> Iterable[slice]:
+    start, size = 0, 0
+    for i, p in enumerate(params):
+        size += _local_numel(p)
+        if size >= _CHUNK_ELEMENTS:
+            yield slice(start, i + 1)
+            start, size = i + 1, 0
+    if start < len(params):
+        yield slice(start, len(params))
+
+
+class DecoupledLionW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        foreach: bool = True,
+    ):
+        if lr <= 0:
+            raise ValueError(f"Lion needs lr > 0, got {lr}")
+        if not all(0.0 <= b <= 1.0 for b in betas):
+            raise ValueError(f"Lion betas must be in [0, 1], got {betas}")
+        if weight_decay >= 1e-3:
+            # Decoupled decay is not multiplied by lr: 1e-2 here shrinks every weight by 1% per step.
+            log.warning(
+                "DecoupledLionW weight_decay=%s multiplies every weight by %s per step at peak lr; "
+                "decoupled values are usually ~1e-5 to 1e-4",
+                weight_decay,
+                1.0 - weight_decay,
+            )
+        defaults = {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay, "foreach": foreach}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            group["initial_lr"] = group["lr"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, exp_avgs = [], [], []
+            for p in group["params"]:
+                if p.grad is None or not p.requires_grad:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("DecoupledLionW does not support sparse gradients")
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+            if not params:
+                continue
+
+            lr = float(group["lr"])
+            # A group built after construction (add_param_group) or loaded from an old state dict
+            # may lack initial_lr; it then starts its schedule at the current lr, as llm-foundry's
+            # `lr / initial_lr if initial_lr else 1.0` would for a zero initial_lr.
+            initial_lr = float(group.setdefault("initial_lr", group["lr"]))
+            decay_factor = lr / initial_lr if initial_lr else 1.0
+            beta1, beta2 = group["betas"]
+            update_fn = _lion_foreach if group.get("foreach", True) else _lion_per_tensor
+            update_fn(
+                params,
+                grads,
+                exp_avgs,
+                lr=lr,
+                decay=decay_factor * group["weight_decay"],
+                beta1=beta1,
+                beta2=beta2,
+            )
+        return loss
+
+
+def _lion_per_tensor(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    *,
+    lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+) -> None:
+    for p, g, m in zip(params, grads, exp_avgs, strict=True):
+        if decay != 0:
+            p.mul_(1 - decay)
+        update = m.lerp(g, 1 - beta1).sign_()
+        p.add_(update, alpha=-lr)
+        m.lerp_(g, 1 - beta2)
+
+
+def _lion_foreach(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    *,
+    lr: float,
+    decay: float,
+    beta1: float,
+    beta2: float,
+) -> None:
+    for part in _chunks(params):
+        p, g, m = params[part], grads[part], exp_avgs[part]
+        if decay != 0:
+            torch._foreach_mul_(p, 1 - decay)
+        update = torch._foreach_lerp(m, g, 1 - beta1)
+        torch._foreach_sign_(update)
+        torch._foreach_add_(p, update, alpha=-lr)
+        del update
+        torch._foreach_lerp_(m, g, 1 - beta2)

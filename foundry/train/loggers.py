@@ -1,0 +1,287 @@
+"""Where metrics go: metrics.jsonl in the run folder, Weights & Biases, and the console.
+
+Every logger takes one flat record per call, ``{"step": int, <name>: number, ...}``. The console
+reads these keys when present: ``loss``, ``lr``, ``tokens_per_s`` (all devices), ``mfu`` (0..1).
+Only rank 0 logs: the trainer passes ``enabled=False`` on the other ranks, which makes every call a
+no-op (and never imports wandb there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import string
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from foundry.config.schema import WandbConfig
+from foundry.errors import ConfigError, FoundryError
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: tensors and numpy scalars become Python numbers; NaN/Inf become null so the
+    file stays strict JSON that any reader (jq, pandas, browsers) accepts."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Logger:
+    def log(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class LoggerGroup(Logger):
+    """Sends each record to several loggers, so the trainer holds one object."""
+
+    def __init__(self, loggers: list[Logger]):
+        self.loggers = loggers
+
+    def log(self, record: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log(record)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+class JsonlLogger(Logger):
+    """One JSON object per line, flushed each line so a crash loses at most the line being written.
+
+    Opened in append mode: a resumed run continues the same file. It may re-run steps logged after
+    its checkpoint, so the trainer calls ``truncate_after(resumed_step)`` first.
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file: TextIO | None = None
+        if enabled:
+            self._open()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A line torn by a crash would glue itself to the next record; end it so only it is lost.
+        torn = self.path.exists() and self.path.stat().st_size > 0 and self.path.read_bytes()[-1:] != b"\n"
+        self._file = open(self.path, "a", encoding="utf-8")  # held open for the run
+        if torn:
+            self._file.write("\n")
+            self._file.flush()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Keep records with step <= ``step`` (and records without a step); drop unreadable lines.
+        The file is rewritten beside itself and renamed over, so a crash leaves old or new, never half."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            record_step = record.get("step")
+            if isinstance(record_step, int | float) and record_step > step:
+                continue
+            kept.append(line)
+        self.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._open()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def new_run_id() -> str:
+    """An id in wandb's style (8 lowercase letters/digits), made without importing wandb."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def load_or_create_run_id(path: str | os.PathLike) -> str:
+    """The run's wandb id, kept in a file in the run folder so a resumed run appends to the same wandb run."""
+    path = Path(path)
+    if path.exists():
+        run_id = path.read_text(encoding="utf-8").strip()
+        if run_id:
+            return run_id
+    run_id = new_run_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
+
+
+class WandbLogger(Logger):
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        run_name: str,
+        config_dict: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        dir: str | os.PathLike | None = None,
+        enabled: bool = True,
+    ):
+        self._run = None
+        if not enabled:
+            return
+        if cfg.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"{cfg.mode!r} is not one of online, offline, disabled", "loggers.wandb.mode")
+        try:
+            import wandb
+        except ImportError as e:
+            raise FoundryError(
+                "loggers.wandb is set but wandb is not installed; `pip install wandb` or remove loggers.wandb"
+            ) from e
+        if dir is not None:
+            Path(dir).mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_name,
+            mode=cfg.mode,
+            tags=list(cfg.tags) or None,
+            config=config_dict,
+            id=run_id,
+            # "allow": continue the run with this id if it exists, else start it.
+            resume="allow" if run_id else None,
+            dir=str(dir) if dir is not None else None,
+        )
+
+    @property
+    def run(self):
+        return self._run
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._run is None:
+            return
+        data = {k: _plain(v) for k, v in record.items() if k != "step"}
+        step = record.get("step")
+        self._run.log(data, step=int(step) if step is not None else None)
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class ProgressBar(Logger):
+    """A rich progress bar on a terminal; elsewhere (a batch job's log file) or with
+    ``use_bar=False``, one plain line per record, since a redrawn bar turns a log file into noise."""
+
+    def __init__(
+        self,
+        total_steps: int,
+        initial_step: int = 0,
+        use_bar: bool = True,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+    ):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self._stream = stream if stream is not None else sys.stdout
+        self._start_step = initial_step
+        self._start_time = time.monotonic()
+        self._progress = None
+        self._task = None
+        if not enabled:
+            return
+        is_tty = hasattr(self._stream, "isatty") and self._stream.isatty()
+        if use_bar and is_tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(file=self._stream),
+            )
+            self._task = self._progress.add_task(
+                "train", total=total_steps, completed=initial_step, metrics=""
+            )
+            self._progress.start()
+
+    def _metrics_text(self, record: dict[str, Any]) -> str:
+        parts = []
+        loss = _plain(record.get("loss"))
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        lr = _plain(record.get("lr"))
+        if lr is not None:
+            parts.append(f"lr {lr:.3g}")
+        tokens_per_s = _plain(record.get("tokens_per_s"))
+        if tokens_per_s is not None:
+            parts.append(f"{tokens_per_s:,.0f} tok/s")
+        mfu = _plain(record.get("mfu"))
+        if mfu is not None:
+            parts.append(f"MFU {100 * mfu:.1f}%")
+        return " | ".join(parts)
+
+    def _eta(self, step: int) -> str:
+        done = step - self._start_step
+        if done <= 0:
+            return "?"
+        per_step = (time.monotonic() - self._start_time) / done
+        return _format_duration(per_step * max(self.total_steps - step, 0))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled or "step" not in record:
+            return
+        step = int(record["step"])
+        if "loss" not in record:  # an evaluation record: show it, keep the last training figures on the bar
+            if "eval_loss" in record:
+                message = f"step {step}: eval loss {_plain(record['eval_loss']):.4f}"
+                if self._progress is not None:
+                    self._progress.console.print(message)
+                else:
+                    print(message, file=self._stream, flush=True)
+            return
+        metrics = self._metrics_text(record)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, metrics=metrics)
+            return
+        pct = 100.0 * step / self.total_steps if self.total_steps else 100.0
+        line = f"step {step}/{self.total_steps} ({pct:.1f}%)"
+        if metrics:
+            line += " | " + metrics
+        line += f" | ETA {self._eta(step)}"
+        print(line, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,61 @@
+"""One optimizer step: forward/backward over the micro-batches, clip, update. Shared by the trainer
+and benchmarks/throughput.py, so the benchmark times exactly what training runs."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from foundry.train import dist as fdist
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    ok: bool  # False: loss or gradient was NaN/Inf and the update was skipped
+
+
+def autocast_for(precision: str, device: torch.device) -> AbstractContextManager:
+    if precision == "amp_bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str,
+    grad_clip_norm: float | None,
+) -> StepResult:
+    model.train()
+    # Weight each micro-batch by its share of target tokens: the step's loss is the mean over all of them.
+    counts = [int((b["labels"] != -100).sum()) for b in batches]
+    n_tokens = max(sum(counts), 1)
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for i, batch in enumerate(batches):
+        if hasattr(
+            model, "set_requires_gradient_sync"
+        ):  # FSDP2: reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(batches) - 1)
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        with autocast_for(precision, device):
+            loss = model(input_ids, labels=labels) * (counts[i] / n_tokens)
+        loss.backward()
+        total += loss.detach()
+    loss_value = fdist.all_reduce_mean(total)
+    grad_norm = None
+    if grad_clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    ok = bool(torch.isfinite(loss_value)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(float(loss_value), float(grad_norm) if grad_norm is not None else None, ok)
