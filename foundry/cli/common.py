@@ -17,7 +17,9 @@ def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
-    logging.basicConfig(level=level, format=f"{'' if rank == 0 else f'[rank {rank}] '}%(message)s", handlers=[handler])
+    logging.basicConfig(
+        level=level, format=f"{'' if rank == 0 else f'[rank {rank}] '}%(message)s", handlers=[handler]
+    )
     for noisy in ("streaming", "torch.distributed", "urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

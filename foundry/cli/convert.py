@@ -6,7 +6,10 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Convert checkpoints to and from Hugging Face (stock transformers MptForCausalLM).", no_args_is_help=True)
+app = typer.Typer(
+    help="Convert checkpoints to and from Hugging Face (stock transformers MptForCausalLM).",
+    no_args_is_help=True,
+)
 
 
 def checkpoint_config(path: Path):
@@ -22,10 +25,14 @@ def checkpoint_config(path: Path):
 
 @app.command("to-hf")
 def to_hf(
-    run_or_checkpoint: Path = typer.Argument(..., help="A run folder (its newest complete checkpoint) or one checkpoint folder."),
+    run_or_checkpoint: Path = typer.Argument(
+        ..., help="A run folder (its newest complete checkpoint) or one checkpoint folder."
+    ),
     out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face folder."),
     dtype: str = typer.Option("float32", help="Weight dtype in the exported files: float32 or bfloat16."),
-    tokenizer: str = typer.Option(None, help="Tokenizer folder to copy in (default: the run's tokenizer.name)."),
+    tokenizer: str = typer.Option(
+        None, help="Tokenizer folder to copy in (default: the run's tokenizer.name)."
+    ),
 ) -> None:
     """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code).
 
@@ -42,13 +49,17 @@ def to_hf(
     cfg = checkpoint_config(path)
     state = load_model_weights(path)
     vocab_size = state["transformer.wte.weight"].shape[0]
-    export_hf(state, cfg.model, vocab_size, out_dir, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype)
+    export_hf(
+        state, cfg.model, vocab_size, out_dir, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype
+    )
     typer.echo(f"wrote {out_dir} from {path}")
 
 
 @app.command("from-hf")
 def from_hf(
-    hf_dir: Path = typer.Argument(..., help="A local Hugging Face MPT folder (saved by transformers, or a released MPT checkpoint)."),
+    hf_dir: Path = typer.Argument(
+        ..., help="A local Hugging Face MPT folder (saved by transformers, or a released MPT checkpoint)."
+    ),
     out: Path = typer.Argument(..., help="Where to write the foundry weights checkpoint."),
 ) -> None:
     """Import a Hugging Face MPT folder as a foundry checkpoint; start training from it with load_path=OUT.
@@ -67,6 +78,11 @@ def from_hf(
     state, model_cfg, vocab_size = import_hf(hf_dir)
     model_cfg.vocab_size = vocab_size
     has_tokenizer = any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    cfg = TrainConfig(model=model_cfg, tokenizer=TokenizerConfig(name=str(Path(hf_dir).resolve()) if has_tokenizer else None))
+    cfg = TrainConfig(
+        model=model_cfg,
+        tokenizer=TokenizerConfig(name=str(Path(hf_dir).resolve()) if has_tokenizer else None),
+    )
     save_weights(out, state, to_yaml(cfg))
-    typer.echo(f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters); train from it with load_path={out}")
+    typer.echo(
+        f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters); train from it with load_path={out}"
+    )

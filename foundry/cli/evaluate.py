@@ -12,9 +12,13 @@ from foundry.cli.train_cmds import OVERRIDES_ARG
 
 
 def eval_cmd(
-    run_or_checkpoint: Path = typer.Argument(..., help="A run folder (its newest complete checkpoint) or a checkpoint folder."),
+    run_or_checkpoint: Path = typer.Argument(
+        ..., help="A run folder (its newest complete checkpoint) or a checkpoint folder."
+    ),
     overrides: list[str] = OVERRIDES_ARG,
-    config: Path = typer.Option(None, "--config", help="A YAML whose data.eval_streams to use (default: the run's own)."),
+    config: Path = typer.Option(
+        None, "--config", help="A YAML whose data.eval_streams to use (default: the run's own)."
+    ),
     max_batches: int = typer.Option(-1, help="Evaluate at most this many batches per rank (-1: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:

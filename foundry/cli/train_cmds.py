@@ -20,7 +20,10 @@ OVERRIDES_ARG = typer.Argument(
     show_default=False,
 )
 NPROC_OPT = typer.Option(
-    None, "--nproc", help="Start N local processes with torchrun (gloo on CPU, NCCL on GPUs).", show_default=False
+    None,
+    "--nproc",
+    help="Start N local processes with torchrun (gloo on CPU, NCCL on GPUs).",
+    show_default=False,
 )
 
 

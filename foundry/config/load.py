@@ -76,7 +76,8 @@ def _siblings(key: str) -> list[str]:
     return [
         p.rsplit(".", 1)[-1]
         for p in schema_paths()
-        if (p.rsplit(".", 1)[0] if "." in p else "") == parent or ("." in p and _matches(p.rsplit(".", 1)[0], parent))
+        if (p.rsplit(".", 1)[0] if "." in p else "") == parent
+        or ("." in p and _matches(p.rsplit(".", 1)[0], parent))
     ]
 
 

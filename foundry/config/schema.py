@@ -51,7 +51,9 @@ class AttnConfig:
     def validate(self, path: str) -> None:
         _one_of(self.attn_impl, ATTN_IMPLS, f"{path}.attn_impl")
         if not self.alibi:
-            raise ConfigError("only ALiBi position encoding is supported (MPT's); set alibi: true", f"{path}.alibi")
+            raise ConfigError(
+                "only ALiBi position encoding is supported (MPT's); set alibi: true", f"{path}.alibi"
+            )
         _positive(self.alibi_bias_max, f"{path}.alibi_bias_max")
         if self.clip_qkv is not None:
             _positive(self.clip_qkv, f"{path}.clip_qkv")
@@ -98,7 +100,9 @@ class ModelConfig:
         for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "expansion_ratio"):
             _positive(getattr(self, key), f"{path}.{key}")
         if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}", f"{path}.d_model")
+            raise ConfigError(
+                f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}", f"{path}.d_model"
+            )
         if self.vocab_size is not None:
             _positive(self.vocab_size, f"{path}.vocab_size")
         _one_of(self.norm_type, ("low_precision_layernorm", "layernorm"), f"{path}.norm_type")
@@ -168,7 +172,11 @@ class DataConfig:
         for name, stream in self.eval_streams.items():
             stream.validate(f"{path}.eval_streams.{name}")
         _positive(self.num_workers, f"{path}.num_workers", allow_zero=True)
-        _one_of(self.batching_method, ("random", "per_stream", "stratified", "device_per_stream"), f"{path}.batching_method")
+        _one_of(
+            self.batching_method,
+            ("random", "per_stream", "stratified", "device_per_stream"),
+            f"{path}.batching_method",
+        )
 
 
 @dataclass
@@ -237,7 +245,9 @@ class FSDPConfig:
     def validate(self, path: str) -> None:
         _one_of(self.sharding_strategy, SHARDING, f"{path}.sharding_strategy")
         _one_of(self.mixed_precision, MIXED_PRECISIONS, f"{path}.mixed_precision")
-        _one_of(self.activation_checkpointing, ("none", "full", "selective"), f"{path}.activation_checkpointing")
+        _one_of(
+            self.activation_checkpointing, ("none", "full", "selective"), f"{path}.activation_checkpointing"
+        )
         _positive(self.activation_checkpointing_every, f"{path}.activation_checkpointing_every")
 
 
@@ -272,7 +282,9 @@ class TrainConfig:
     save_async: bool = False
     save_grace_period_s: float = 120.0  # SIGTERM: finish the step, save, exit within this
     autoresume: bool = True
-    load_path: str | None = None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
+    load_path: str | None = (
+        None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
+    )
     precision: str = "auto"  # auto: amp_bf16 on CUDA, fp32 on CPU
     grad_clip_norm: float | None = 1.0
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
@@ -295,7 +307,12 @@ class TrainConfig:
         return self.save_folder or f"runs/{self.run_name}"
 
     def validate(self) -> None:
-        for key in ("global_train_batch_size", "device_train_microbatch_size", "device_eval_batch_size", "max_seq_len"):
+        for key in (
+            "global_train_batch_size",
+            "device_train_microbatch_size",
+            "device_eval_batch_size",
+            "max_seq_len",
+        ):
             _positive(getattr(self, key), key)
         _one_of(self.precision, PRECISIONS, "precision")
         _one_of(self.device, ("auto", "cpu", "cuda"), "device")
@@ -310,13 +327,17 @@ class TrainConfig:
         self.data.validate("data")
         if self.phases:
             if self.max_duration is not None:
-                raise ConfigError("give either max_duration or phases (each with its duration), not both", "max_duration")
+                raise ConfigError(
+                    "give either max_duration or phases (each with its duration), not both", "max_duration"
+                )
             for i, phase in enumerate(self.phases):
                 phase.validate(f"phases[{i}]")
             longest = max(p.max_seq_len for p in self.phases)
         else:
             if self.max_duration is None:
-                raise ConfigError("required: how long to train, e.g. max_duration: 2000ba or 10Btok", "max_duration")
+                raise ConfigError(
+                    "required: how long to train, e.g. max_duration: 2000ba or 10Btok", "max_duration"
+                )
             Duration.parse(self.max_duration, "max_duration")
             longest = self.max_seq_len
         if longest > self.model.max_seq_len:

@@ -66,7 +66,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _file_sizes(path: Path) -> dict[str, int]:
-    return {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file() and f.name != MARKER}
+    return {
+        str(f.relative_to(path)): f.stat().st_size
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.name != MARKER
+    }
 
 
 def is_complete(path: Path) -> tuple[bool, str]:
@@ -124,7 +128,9 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
         found = latest_complete(root)
         if found is not None:
             return found
-    raise CheckpointError(f"no complete checkpoint found in {path} (looked for {CHECKPOINTS}/{_PREFIX}N/ with a {MARKER} marker)")
+    raise CheckpointError(
+        f"no complete checkpoint found in {path} (looked for {CHECKPOINTS}/{_PREFIX}N/ with a {MARKER} marker)"
+    )
 
 
 def save(

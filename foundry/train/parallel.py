@@ -62,7 +62,9 @@ def device_mesh(env: DistEnv, cfg: FSDPConfig):
                 f"replicate_degree {replicas} does not divide the world size {env.world_size}",
                 "fsdp_config.replicate_degree",
             )
-        return init_device_mesh(kind, (replicas, env.world_size // replicas), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(
+            kind, (replicas, env.world_size // replicas), mesh_dim_names=("replicate", "shard")
+        )
     return init_device_mesh(kind, (env.world_size,), mesh_dim_names=("shard",))
 
 
