@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo-data: install
 	@test -f $(DEMO)/tokenizer/tokenizer.json || $(FOUNDRY) data-prep tokenizer $(STDLIB) --glob '*.py' \
-		--out $(DEMO)/tokenizer --vocab-size 4096
-	$(FOUNDRY) data-prep text $(STDLIB) --glob '*.py' --out $(DEMO)/stdlib --tokenizer $(DEMO)/tokenizer \
+		--exclude 'site-packages/*' --out $(DEMO)/tokenizer --vocab-size 4096
+	$(FOUNDRY) data-prep text $(STDLIB) --glob '*.py' --exclude 'site-packages/*' --out $(DEMO)/stdlib --tokenizer $(DEMO)/tokenizer \
 		--seq-len 512 --val-fraction 0.02 --long-min-tokens 2048 --num-workers 2
 
 demo: demo-data

@@ -84,7 +84,8 @@ class ModelConfig:
     n_layers: int = 12
     expansion_ratio: float = 4
     max_seq_len: int = 2048
-    # None: the tokenizer's size. Always padded up to a multiple of 128 (50257 -> 50432).
+    # None: the tokenizer's size, padded up to a multiple of 128 (50257 -> 50304); the MPT presets
+    # set the released 50432 explicitly.
     vocab_size: int | None = None
     no_bias: bool = True
     norm_type: str = "low_precision_layernorm"

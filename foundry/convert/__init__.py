@@ -1,0 +1,1 @@
+"""Model conversion: Hugging Face import/export (hf.py)."""

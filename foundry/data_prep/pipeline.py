@@ -1,0 +1,437 @@
+"""`prepare()`: text / jsonl / parquet / HF datasets -> tokenized MDS windows, atomically, with a manifest.
+
+The main process reads inputs into chunks and keeps up to a few chunks in flight per tokenizer
+worker; results come back in input order, so the output is the same for any number of workers (the
+concatenation of all documents, cut into windows) and only one tail per split is dropped. Workers
+return token arrays rather than writing shards themselves: the main process then needs no merge
+step, the windows do not depend on the number of workers, and writing (numpy buffers, zstd) costs
+the main process little.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foundry.data_prep.hf import HFSource, iter_hf_chunks
+from foundry.data_prep.sources import (
+    SKIP_REASONS,
+    Chunk,
+    discover_files,
+    iter_file_chunks,
+    iter_parquet_chunks,
+)
+from foundry.data_prep.tokenization import (
+    DocumentEncoder,
+    Encoded,
+    EncodeOptions,
+    TokenizerSpec,
+    encode_in_worker,
+    init_worker,
+    load_tokenizer_spec,
+)
+from foundry.data_prep.writer import (
+    FORMAT,
+    MANIFEST,
+    AtomicOutput,
+    SplitWriter,
+    fingerprint,
+    histogram_labels,
+    read_manifest,
+    write_json,
+)
+from foundry.errors import ConfigError, DataError
+
+log = logging.getLogger("foundry.data_prep")
+
+COMPRESSIONS = ("zstd", "none")
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Files, folders (walked recursively) or glob patterns. kind: text | jsonl | parquet."""
+
+    inputs: tuple[str, ...]
+    kind: str = "text"
+    globs: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    out: Path
+    tokenizer: str
+    seq_len: int
+    text_field: str = "text"
+    val_fraction: float = 0.0
+    num_workers: int | None = None  # None: one per CPU core; 0: tokenize in the main process
+    compression: str = "zstd"
+    long_min_tokens: int | None = None
+    min_tokens: int = 1
+    max_tokens: int | None = None
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    status: str  # "prepared" | "already_prepared"
+    manifest: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def default_num_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _validate(opts: PrepareOptions) -> None:
+    if opts.seq_len < 1:
+        raise ConfigError(f"--seq-len must be at least 1, got {opts.seq_len}")
+    if not 0.0 <= opts.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    if opts.compression not in COMPRESSIONS:
+        raise ConfigError(f"--compression must be one of {COMPRESSIONS}, got {opts.compression!r}")
+    if opts.min_tokens < 0:
+        raise ConfigError(f"--min-tokens must be >= 0, got {opts.min_tokens}")
+    if opts.max_tokens is not None and opts.max_tokens < max(opts.min_tokens, 1):
+        raise ConfigError(
+            f"--max-tokens ({opts.max_tokens}) must be >= --min-tokens ({opts.min_tokens}) and >= 1"
+        )
+    if opts.long_min_tokens is not None and opts.long_min_tokens < 1:
+        raise ConfigError(f"--long-min-tokens must be >= 1, got {opts.long_min_tokens}")
+    if opts.num_workers is not None and opts.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {opts.num_workers}")
+
+
+class _Plan:
+    """A source resolved into: chunks to read, progress total, manifest description, fingerprint."""
+
+    def __init__(self, source: FileSource | HFSource, text_field: str):
+        self.skipped: Counter = Counter()
+        if isinstance(source, FileSource):
+            if source.kind not in ("text", "jsonl", "parquet"):
+                raise ConfigError(f"unknown input kind {source.kind!r}: text, jsonl or parquet")
+            files, self.skipped = discover_files(source.inputs, source.kind, source.globs, source.exclude)
+            self.files = files
+            self.total = sum(f.size for f in files)
+            listing = "\n".join(f"{f.path}\t{f.size}" for f in files)
+            self.description = [
+                {
+                    "kind": source.kind,
+                    "inputs": [os.path.abspath(os.path.expanduser(i)) for i in source.inputs],
+                    "globs": list(source.globs),
+                    "exclude": list(source.exclude),
+                    "files": len(files),
+                    "bytes": self.total,
+                    "files_digest": hashlib.sha256(listing.encode()).hexdigest(),
+                }
+            ]
+            self._source = source
+        else:
+            self.files = []
+            self.total = None
+            self.description = [source.describe()]
+            self._source = source
+        self._text_field = text_field
+
+    def chunks(self) -> Iterator[Chunk]:
+        src = self._source
+        if isinstance(src, HFSource):
+            chunks, self.total = iter_hf_chunks(src, self._text_field)
+            return chunks
+        if src.kind == "parquet":
+            return iter_parquet_chunks(self.files, self._text_field, self.skipped)
+        return iter_file_chunks(self.files, src.kind, self.skipped)
+
+
+def _select(enc: Encoded, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if mask.all():
+        return enc.tokens, enc.lengths
+    token_mask = np.repeat(mask, enc.lengths + 1)
+    return enc.tokens[token_mask], enc.lengths[mask]
+
+
+class _Router:
+    """Sends each chunk's documents to the splits they belong to."""
+
+    def __init__(self, root: Path, opts: PrepareOptions):
+        compression = None if opts.compression == "none" else opts.compression
+        names = ["baseline", "long"] if opts.long_min_tokens else ["train"]
+        if opts.val_fraction > 0:
+            names.append("val")
+        self.writers = {n: SplitWriter(root / n, n, opts.seq_len, compression) for n in names}
+        self.long_min = opts.long_min_tokens
+        self.histogram: Counter = Counter()
+        self.documents = 0
+        self.doc_tokens = 0
+
+    def add(self, enc: Encoded) -> None:
+        self.documents += len(enc.lengths)
+        self.doc_tokens += len(enc.tokens)
+        main = ~enc.is_val
+        if self.long_min:
+            self.writers["baseline"].add(*_select(enc, main))
+            self.writers["long"].add(*_select(enc, main & (enc.lengths >= self.long_min)))
+        else:
+            self.writers["train"].add(*_select(enc, main))
+        if "val" in self.writers and enc.is_val.any():
+            self.writers["val"].add(*_select(enc, enc.is_val))
+
+
+class _Progress:
+    """A rich progress bar on a terminal; otherwise (batch jobs, pipes) a log line every 30 s."""
+
+    def __init__(self, enabled: bool, total: int | None):
+        self.start = time.perf_counter()
+        self.docs = 0
+        self.tokens = 0
+        self._bar = None
+        self._enabled = enabled
+        self._last_log = self.start
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self._bar = Progress(
+            TextColumn("[bold]tokenizing"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self._task = self._bar.add_task("tokenizing", total=total, stats="")
+        self._bar.start()
+
+    def update(self, advance: int, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if not self._enabled:
+            return
+        now = time.perf_counter()
+        dt = max(now - self.start, 1e-9)
+        stats = f"{self.docs:,} docs ({self.docs / dt:,.0f}/s)  {self.tokens:,} tokens ({self.tokens / dt:,.0f}/s)"
+        if self._bar is not None:
+            self._bar.update(self._task, advance=advance, stats=stats)
+        elif now - self._last_log > 30:
+            self._last_log = now
+            log.info("tokenized %s", stats)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+class _EncoderPool:
+    """Encodes chunks, yielding results in input order, in num_workers processes (0: in this one)."""
+
+    def __init__(self, spec: TokenizerSpec, options: EncodeOptions, num_workers: int):
+        self.spec, self.options, self.num_workers = spec, options, num_workers
+        self._pool = None
+
+    def __enter__(self) -> _EncoderPool:
+        if self.num_workers == 0:
+            return self
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: workers start in milliseconds and share the loaded modules. They are all started here,
+        # before any thread (the progress bar) exists in this process.
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self._pool = ProcessPoolExecutor(
+            self.num_workers, mp_context=ctx, initializer=init_worker, initargs=(self.spec, self.options)
+        )
+        for f in [self._pool.submit(os.getpid) for _ in range(self.num_workers)]:
+            f.result()
+        return self
+
+    def map(self, chunks: Iterable[Chunk]) -> Iterator[Encoded]:
+        if self._pool is None:
+            yield from map(DocumentEncoder(self.spec, self.options), chunks)
+            return
+        from concurrent.futures.process import BrokenProcessPool
+
+        in_flight: deque = deque()
+        max_in_flight = 2 * self.num_workers + 2  # bounds memory; enough to keep every worker busy
+        try:
+            for chunk in chunks:
+                in_flight.append(self._pool.submit(encode_in_worker, chunk))
+                while len(in_flight) >= max_in_flight:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        except BrokenProcessPool as e:
+            raise DataError(
+                "a tokenizer worker died (out of memory?); retry with fewer --num-workers or smaller input files"
+            ) from e
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._pool is None:
+            return
+        if exc_type is not None:  # an error or Ctrl-C: don't wait for the chunks in flight
+            processes = (
+                getattr(self._pool, "_processes", None) or {}
+            )  # private; no public way to stop workers
+            for process in list(processes.values()):
+                if process.is_alive():
+                    process.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _args(source_desc: list, spec: TokenizerSpec, opts: PrepareOptions) -> dict[str, Any]:
+    """Everything that determines the output bytes (not num_workers: the output does not depend on it)."""
+    return {
+        "format": FORMAT,
+        "source": source_desc,
+        "tokenizer_fingerprint": spec.fingerprint,
+        "seq_len": opts.seq_len,
+        "text_field": opts.text_field,
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "min_tokens": opts.min_tokens,
+        "max_tokens": opts.max_tokens,
+        "long_min_tokens": opts.long_min_tokens,
+        "compression": opts.compression,
+    }
+
+
+def prepare(source: FileSource | HFSource, opts: PrepareOptions) -> PrepareResult:
+    """Tokenize `source` into MDS windows under opts.out (see the module docstring and DESIGN.md)."""
+    start = time.perf_counter()
+    _validate(opts)
+    spec = load_tokenizer_spec(opts.tokenizer)
+    plan = _Plan(source, opts.text_field)
+    args = _args(plan.description, spec, opts)
+    args_fp = fingerprint(args)
+
+    output = AtomicOutput(opts.out)
+    state = output.existing_state(args_fp)
+    if state == "same" and not opts.overwrite:
+        return PrepareResult(output.out, "already_prepared", read_manifest(output.out) or {})
+    if state in ("different", "foreign") and not opts.overwrite:
+        why = (
+            "was prepared with different arguments or input files"
+            if state == "different"
+            else "exists and is not a finished foundry dataset"
+        )
+        raise DataError(f"{output.out} {why}; pass --overwrite to replace it, or choose another --out")
+
+    output.clean_stale()
+    tmp = output.begin()
+    num_workers = default_num_workers() if opts.num_workers is None else opts.num_workers
+    enc_opts = EncodeOptions(opts.text_field, opts.val_fraction, opts.seed, opts.min_tokens, opts.max_tokens)
+    router = _Router(tmp, opts)
+    skipped = plan.skipped
+    progress = None
+    try:
+        chunks = plan.chunks()
+        with _EncoderPool(spec, enc_opts, num_workers) as pool:
+            progress = _Progress(opts.progress, plan.total)
+            for enc in pool.map(chunks):
+                skipped.update(enc.skipped)
+                router.add(enc)
+                progress.update(enc.nbytes, len(enc.lengths), len(enc.tokens))
+        progress.close()
+        return _finish(router, output, spec, plan, skipped, args, args_fp, opts, start)
+    except BaseException:
+        if progress is not None:
+            progress.close()
+        output.abort()
+        raise
+
+
+def _finish(router, output, spec, plan, skipped, args, args_fp, opts, start) -> PrepareResult:
+    warnings: list[str] = []
+    main_split = "baseline" if opts.long_min_tokens else "train"
+    main = router.writers[main_split]
+    if main.windows == 0:
+        raise DataError(
+            f"no {main_split} window: {router.documents} documents gave {main.doc_tokens} tokens, fewer than "
+            f"one --seq-len window of {opts.seq_len} (skipped: {dict(skipped) or 'none'}); "
+            "use a smaller --seq-len or more data"
+        )
+    skipped_all = {reason: int(skipped.get(reason, 0)) for reason in SKIP_REASONS}
+    skipped_all.update({k: int(v) for k, v in skipped.items() if k not in skipped_all})
+    wall = time.perf_counter() - start
+    common = {
+        "tokenizer": spec.manifest(),
+        "source": plan.description,
+        "skipped": skipped_all,
+        "args_fingerprint": args_fp,
+        "wall_time_s": round(wall, 3),
+    }
+    splits = {}
+    for name, writer in router.writers.items():
+        manifest = writer.finish(common)
+        splits[name] = {k: manifest[k] for k in ("split", "documents", "tokens", "windows", "window_len")}
+        splits[name]["path"] = name
+        if writer.windows == 0:
+            warnings.append(
+                f"split {name!r} is empty: its {writer.documents} documents ({writer.doc_tokens} tokens) "
+                f"fill no window of {opts.seq_len}"
+            )
+    for name, writer in router.writers.items():
+        if name != "long":  # long documents are also in baseline
+            router.histogram.update(writer.histogram)
+    wall = time.perf_counter() - start
+    summary = {
+        "format": FORMAT,
+        "splits": splits,
+        "documents": router.documents,
+        "document_tokens": router.doc_tokens,
+        "tokens": sum(s["tokens"] for n, s in splits.items() if n != "long"),
+        "window_len": opts.seq_len,
+        "tokenizer": spec.manifest(),
+        "source": plan.description,
+        "skipped": skipped_all,
+        "tokens_per_document_histogram": histogram_labels(router.histogram),
+        "args": args,
+        "args_fingerprint": args_fp,
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(router.doc_tokens / max(wall, 1e-9)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(output.tmp / MANIFEST, summary)
+    output.commit()
+    for w in warnings:
+        log.warning(w)
+    return PrepareResult(output.out, "prepared", summary, warnings)
+
+
+def format_summary(result: PrepareResult) -> str:
+    m = result.manifest
+    if result.status == "already_prepared":
+        return f"{result.out} is already prepared with these arguments (pass --overwrite to redo it)"
+    lines = [
+        f"prepared {result.out} in {m['wall_time_s']:.1f} s: {m['documents']:,} documents, "
+        f"{m['document_tokens']:,} tokens ({m['tokens_per_s']:,} tokens/s)"
+    ]
+    for name, s in m["splits"].items():
+        lines.append(
+            f"  {name:<9} {s['documents']:>10,} docs {s['windows']:>10,} windows {s['tokens']:>14,} tokens"
+        )
+    bad = {k: v for k, v in m["skipped"].items() if v}
+    lines.append("skipped: " + (", ".join(f"{k}={v:,}" for k, v in bad.items()) if bad else "nothing"))
+    lines.extend(f"warning: {w}" for w in result.warnings)
+    return "\n".join(lines)
