@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +33,105 @@ def run_cli(
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def learnable_windows(n: int, window_len: int, vocab: int, seed: int) -> np.ndarray:
+    """Windows a small model learns fast: each is an arithmetic sequence mod `vocab` with a random step."""
+
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, vocab, size=(n, 1))
+    step = rng.integers(1, 8, size=(n, 1))
+    return ((start + step * np.arange(window_len)) % vocab).astype(np.int32)
+
+
+def write_token_dataset(folder: Path, windows: np.ndarray) -> Path:
+    """An MDS dataset of fixed windows in foundry's layout (shards, index.json, manifest.json)."""
+    import json
+
+    from foundry.data_prep.mds import MDSTokenWriter
+
+    writer = MDSTokenWriter(folder, windows.shape[1])
+    writer.write(windows)
+    writer.finish()
+    manifest = {
+        "format": "foundry-mds-v1",
+        "documents": len(windows),
+        "tokens": int(windows.size),
+        "windows": len(windows),
+        "window_len": int(windows.shape[1]),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+TINY_RUN = """\
+defaults:
+  - /model: tiny
+  - _self_
+run_name: test
+seed: 3
+max_seq_len: {seq}
+max_duration: {steps}ba
+global_train_batch_size: {batch}
+device_train_microbatch_size: {micro}
+device_eval_batch_size: 8
+eval_interval: {eval_every}ba
+eval_subset_num_batches: 4
+save_interval: {save_every}ba
+log_interval: 1ba
+progress_bar: false
+model:
+  d_model: {d_model}
+  n_heads: 4
+  n_layers: 2
+  max_seq_len: {seq}
+  vocab_size: {vocab}
+  attn_config: {{attn_impl: torch}}
+data:
+  streams:
+    train: {{local: {train}}}
+  eval_streams:
+    val: {{local: {val}}}
+  num_workers: 0
+optimizer: {{name: decoupled_lionw, lr: 2.0e-3, betas: [0.9, 0.95], weight_decay: 0.0}}
+scheduler: {{name: cosine_with_warmup, t_warmup: 3ba, alpha_f: 0.1}}
+"""
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path):
+    """A run YAML over synthetic data; call with overrides of the template's fields."""
+
+    def make(
+        steps=30, seq=32, batch=8, micro=4, vocab=128, d_model=64, eval_every=10, save_every=10, n_windows=400
+    ):
+        train = write_token_dataset(tmp_path / "data" / "train", learnable_windows(n_windows, seq, vocab, 0))
+        val = write_token_dataset(tmp_path / "data" / "val", learnable_windows(32, seq, vocab, 1))
+        path = tmp_path / "run.yaml"
+        path.write_text(
+            TINY_RUN.format(
+                steps=steps,
+                seq=seq,
+                batch=batch,
+                micro=micro,
+                vocab=vocab,
+                d_model=d_model,
+                eval_every=eval_every,
+                save_every=save_every,
+                train=train,
+                val=val,
+            )  # fmt: skip
+        )
+        return path
+
+    return make
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+
+    return [
+        json.loads(line)
+        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,14 @@ MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "foundry_config.yaml"
 _PREFIX = "step-"
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes one process when no process group exists; that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -150,7 +160,8 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(app_state, checkpoint_id=str(tmp))
+    with _single_process_quiet():
+        dcp.save(app_state, checkpoint_id=str(tmp))
     if _is_rank0():
         torch.save(trainer_state, tmp / TRAINER_STATE)
         (tmp / CONFIG_FILE).write_text(config_yaml)
@@ -191,7 +202,8 @@ def prune(root: Path, keep: int) -> None:
 
 def load(path: Path, app_state: dict[str, Any]) -> dict[str, Any]:
     """Load DCP state into `app_state` in place (resharding as needed) and return the trainer state."""
-    dcp.load(app_state, checkpoint_id=str(path))
+    with _single_process_quiet():
+        dcp.load(app_state, checkpoint_id=str(path))
     return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
@@ -209,7 +221,8 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     }
     if not state:
         raise CheckpointError(f"{path} holds no model weights")
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     return {key[len("model.") :]: value for key, value in state.items()}
 
 
@@ -220,7 +233,8 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config_y
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    dcp.save({"model": state_dict}, checkpoint_id=str(tmp), no_dist=True)
+    with _single_process_quiet():
+        dcp.save({"model": state_dict}, checkpoint_id=str(tmp), no_dist=True)
     torch.save({"step": 0, "weights_only": True}, tmp / TRAINER_STATE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     finalize(tmp, final, 0)

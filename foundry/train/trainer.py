@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_state_dict,
+    get_model_state_dict,
+    get_optimizer_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
 from foundry.config.duration import Duration
@@ -59,18 +60,30 @@ class TrainResult:
     preempted: bool = False
 
 
-class AppState:
-    """Model + optimizer as DCP sees them; get/set_state_dict handle FSDP2 shards and resharding."""
+class ModelState:
+    """The model as DCP sees it (keys `model.*`); get/set handle FSDP2 shards and resharding."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, sd):
+        set_model_state_dict(self.model, sd)
+
+
+class OptimizerState:
+    """The optimizer as DCP sees it (keys `optim.*`), keyed by parameter name, not position."""
 
     def __init__(self, model, optimizer):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self):
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, sd):
-        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_optimizer_state_dict(self.model, self.optimizer, sd)
 
 
 def resolve_vocab_size(cfg: TrainConfig) -> int:
@@ -256,7 +269,7 @@ class Trainer:
         path = ckpt.save(
             self.ckpt_root,
             self.state.step,
-            {"app": AppState(self.model, self.optimizer)},
+            self._app_state(),
             trainer_state,
             to_yaml(self.cfg),
             keep=self.cfg.save_num_checkpoints_to_keep,
@@ -271,7 +284,7 @@ class Trainer:
         candidates = fdist.broadcast_object([str(p) for p in candidates])
         for path in reversed(candidates):
             try:
-                trainer_state = ckpt.load(Path(path), {"app": AppState(self.model, self.optimizer)})
+                trainer_state = ckpt.load(Path(path), self._app_state())
             except Exception as e:  # a corrupt checkpoint: fall back to the one before it
                 log.warning("cannot load checkpoint %s (%s); trying the previous one", path, e)
                 continue
@@ -287,6 +300,9 @@ class Trainer:
         if self.cfg.load_path:
             self._load_weights(self.cfg.load_path)
         return None
+
+    def _app_state(self) -> dict:
+        return {"model": ModelState(self.model), "optim": OptimizerState(self.model, self.optimizer)}
 
     def _load_weights(self, load_path: str) -> None:
         path = ckpt.resolve_checkpoint(load_path)
@@ -376,17 +392,33 @@ class Trainer:
 
     def _open_loggers(self, resumed_from: Path | None):
         from foundry.config.load import to_dict
-        from foundry.train.loggers import JsonlLogger, LoggerGroup, ProgressBar, WandbLogger, load_or_create_run_id
+        from foundry.train.loggers import (
+            JsonlLogger,
+            LoggerGroup,
+            ProgressBar,
+            WandbLogger,
+            load_or_create_run_id,
+        )
 
         main = self.env.is_main
         metrics = JsonlLogger(self.run_dir / "metrics.jsonl", enabled=main)
         if main:  # steps after the checkpoint are redone: drop their old records so the file reads as one run
             metrics.truncate_after(self.state.step)
-        loggers = [metrics, ProgressBar(self.plan.total_steps, self.state.step, use_bar=self.cfg.progress_bar, enabled=main)]
+        loggers = [
+            metrics,
+            ProgressBar(self.plan.total_steps, self.state.step, use_bar=self.cfg.progress_bar, enabled=main),
+        ]
         if self.cfg.loggers.wandb is not None:
             run_id = load_or_create_run_id(self.run_dir / "wandb_id") if main else None
             loggers.append(
-                WandbLogger(self.cfg.loggers.wandb, self.cfg.run_name, to_dict(self.cfg), run_id, self.run_dir, enabled=main)
+                WandbLogger(
+                    self.cfg.loggers.wandb,
+                    self.cfg.run_name,
+                    to_dict(self.cfg),
+                    run_id,
+                    self.run_dir,
+                    enabled=main,
+                )
             )
         return LoggerGroup(loggers)
 
