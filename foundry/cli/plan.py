@@ -1,0 +1,34 @@
+"""`foundry plan`: what a config will train on, before any GPU is used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+CONFIG_ARG = typer.Argument(..., help="A run YAML, e.g. yamls/pretrain/mpt-7b-8k.yaml.", exists=False)
+OVERRIDES_ARG = typer.Argument(
+    None, help="Hydra-style overrides: key=value, +key=value, ~key, group=option.", show_default=False
+)
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+
+
+def plan(config: Path = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG, json: bool = JSON_OPT) -> None:
+    """Show each phase's steps and tokens, and per source: tokens, proportion, effective tokens, epochs.
+
+    Examples:
+
+      foundry plan yamls/pretrain/mpt-7b-8k.yaml
+
+      foundry plan yamls/pretrain/mpt-7b.yaml global_train_batch_size=2048 --json
+    """
+    import json as json_module
+
+    from foundry.config.load import load_config
+    from foundry.plan_report import plan_json, print_plan
+
+    cfg = load_config(config, list(overrides or []))
+    if json:
+        typer.echo(json_module.dumps(plan_json(cfg)))
+    else:
+        print_plan(cfg)

@@ -1,0 +1,113 @@
+"""Reading token windows from MDS folders: ours (foundry-mds-v1) and llm-foundry's two layouts.
+
+A prepared folder holds Streaming's ``index.json`` and shards with one column, ``tokens``: either
+``ndarray:int32`` (ours, llm-foundry's current converters) or ``bytes`` holding raw int64 ids
+(llm-foundry's older converters). Each sample is one fixed-length window of token ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foundry.config.schema import StreamConfig
+from foundry.errors import DataError
+
+MANIFEST = "manifest.json"
+INDEX = "index.json"
+TOKENS_COLUMN = "tokens"
+
+
+def stream_dir(stream: StreamConfig) -> Path | None:
+    """The local folder that holds (or will cache) this stream's index.json, or None if only remote."""
+    if not stream.local:
+        return None
+    return Path(stream.local) / (stream.split or "")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def read_manifest(stream: StreamConfig) -> dict[str, Any] | None:
+    """foundry's manifest for this stream's folder, if it is on this machine.
+
+    The manifest beside index.json describes that folder. A summary manifest one level up (the
+    data-prep output folder) is used only when it describes this split by name.
+    """
+    folder = stream_dir(stream)
+    if folder is None:
+        return None
+    manifest = _read_json(folder / MANIFEST)
+    if manifest is not None or not stream.split:
+        return manifest
+    parent = _read_json(Path(stream.local) / MANIFEST)
+    if parent is None:
+        return None
+    if isinstance(parent.get("splits"), dict) and isinstance(parent["splits"].get(stream.split), dict):
+        return parent["splits"][stream.split]
+    return parent if parent.get("split") == stream.split else None
+
+
+def read_index(folder: Path) -> dict[str, Any] | None:
+    return _read_json(folder / INDEX)
+
+
+def index_samples(index: dict[str, Any]) -> int:
+    return sum(int(shard["samples"]) for shard in index.get("shards", []))
+
+
+def tokens_of(sample: dict[str, Any], where: str = "dataset") -> np.ndarray:
+    """The token ids of one decoded MDS sample, as a 1-D integer array (no copy when possible)."""
+    try:
+        value = sample[TOKENS_COLUMN]
+    except KeyError:
+        raise DataError(
+            f"{where}: samples have no {TOKENS_COLUMN!r} column (columns: {', '.join(sample)}); "
+            f"prepare it with `foundry data-prep` or llm-foundry's convert_dataset scripts"
+        ) from None
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1)
+    if isinstance(value, bytes | bytearray | memoryview):
+        # llm-foundry's older layout: the int64 ids' raw bytes.
+        if len(value) % 8:
+            raise DataError(
+                f"{where}: a 'bytes' tokens sample of {len(value)} bytes is not a whole number of int64 ids"
+            )
+        return np.frombuffer(value, dtype=np.int64)
+    raise DataError(f"{where}: unsupported {TOKENS_COLUMN!r} column type {type(value).__name__}")
+
+
+def first_local_sample(folder: Path, index: dict[str, Any]) -> dict[str, Any] | None:
+    """Decode the first sample of the first shard, if that shard is present uncompressed."""
+    from streaming.base.format import reader_from_json
+
+    shards = [s for s in index.get("shards", []) if int(s.get("samples", 0)) > 0]
+    if not shards:
+        return None
+    reader = reader_from_json(str(folder), None, shards[0])
+    raw = folder / reader.file_pairs[0][0].basename
+    if not raw.is_file():
+        return None
+    return reader.get_item(0)
+
+
+def local_window_len(stream: StreamConfig) -> int | None:
+    """The stream's window length from its manifest or its first local sample; None if not on this machine."""
+    manifest = read_manifest(stream)
+    if manifest is not None and manifest.get("window_len"):
+        return int(manifest["window_len"])
+    folder = stream_dir(stream)
+    index = read_index(folder) if folder is not None else None
+    if index is None:
+        return None
+    sample = first_local_sample(folder, index)
+    return None if sample is None else len(tokens_of(sample, str(folder)))

@@ -1,0 +1,187 @@
+"""`foundry plan`: each phase's steps and tokens, and per source the model cards' data table.
+
+For every phase of ``make_plan(cfg)``: source, tokens in the source (its manifest, else the
+stream's ``tokens:`` hint, else unknown), proportion of the phase's tokens, effective tokens
+(proportion x phase tokens) and epochs (effective / tokens in source). ``foundry pretrain`` prints the
+same table when it starts.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from foundry.config.schema import TrainConfig
+from foundry.data.mixture import PROPORTION_SUM_TOLERANCE, source_shares, tokens_in_source
+from foundry.train.plan import RunPlan, make_plan
+
+# Reading a source more often than this adds little (repeated tokens lose value fast) and usually means
+# a proportion or token count is off. MPT-7B itself reads Wikipedia 8.2 times; MPT-7B-8k peaks at 4.6.
+REPEAT_WARN_EPOCHS = 5.0
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    name: str
+    tokens_in_source: int | None
+    proportion: float | None
+    effective_tokens: int | None
+    epochs: float | None
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    name: str
+    max_seq_len: int
+    global_batch_rows: int
+    tokens_per_step: int
+    start_step: int
+    steps: int
+    tokens: int
+    sources: tuple[SourceRow, ...]
+    proportion_sum: float | None  # as written, before normalizing; None without proportions
+
+
+def _phase_rows(cfg: TrainConfig, plan: RunPlan) -> list[PhaseRow]:
+    rows = []
+    for i, phase in enumerate(plan.phases):
+        own_data = bool(cfg.phases) and cfg.phases[i].data is not None
+        path = f"phases[{i}].data.streams" if own_data else "data.streams"
+        shares = source_shares(phase.data.streams, path)
+        sources = []
+        for name, stream in phase.data.streams.items():
+            size = tokens_in_source(stream)
+            share = shares[name]
+            effective = None if share is None else int(round(share * phase.tokens))
+            epochs = effective / size if effective is not None and size else None
+            sources.append(SourceRow(name, size, share, effective, epochs))
+        given = [s.proportion for s in phase.data.streams.values() if s.proportion is not None]
+        rows.append(
+            PhaseRow(
+                name=phase.name,
+                max_seq_len=phase.seq_len,
+                global_batch_rows=phase.global_batch_rows,
+                tokens_per_step=phase.tokens_per_step,
+                start_step=phase.start_step,
+                steps=phase.steps,
+                tokens=phase.tokens,
+                sources=tuple(sources),
+                proportion_sum=sum(given) if given else None,
+            )
+        )
+    return rows
+
+
+def plan_rows(cfg: TrainConfig) -> list[PhaseRow]:
+    return _phase_rows(cfg, make_plan(cfg))
+
+
+def plan_json(cfg: TrainConfig) -> dict[str, Any]:
+    """The plan as one JSON-ready object: proportions as fractions of 1, token counts as plain numbers."""
+    return {
+        "phases": [
+            {
+                "name": p.name,
+                "max_seq_len": p.max_seq_len,
+                "tokens": p.tokens,
+                "steps": p.steps,
+                "streams": [
+                    {
+                        "name": s.name,
+                        "tokens_in_source": s.tokens_in_source,
+                        "proportion": s.proportion,
+                        "effective_tokens": s.effective_tokens,
+                        "epochs": s.epochs,
+                    }
+                    for s in p.sources
+                ],
+            }
+            for p in plan_rows(cfg)
+        ]
+    }
+
+
+def plan_warnings(phases: list[PhaseRow], max_epochs: float = REPEAT_WARN_EPOCHS) -> list[str]:
+    out = []
+    for p in phases:
+        for s in p.sources:
+            if s.epochs is not None and s.epochs > max_epochs:
+                out.append(
+                    f"phase {p.name}: source {s.name} is read {s.epochs:.2f} times (more than {max_epochs:g} epochs); "
+                    "check its proportion and token count"
+                )
+        unknown = [s.name for s in p.sources if s.tokens_in_source is None]
+        if unknown:
+            out.append(
+                f"phase {p.name}: token counts unknown for {', '.join(unknown)}; epochs need the data's "
+                "manifest.json in `local` or a `tokens:` hint on the stream"
+            )
+        if p.proportion_sum is not None and abs(p.proportion_sum - 1.0) > PROPORTION_SUM_TOLERANCE:
+            out.append(
+                f"phase {p.name}: proportions sum to {p.proportion_sum:.6g}; each is divided by the sum"
+            )
+    return out
+
+
+def human_tokens(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _tables(cfg: TrainConfig) -> list[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
+    phases = plan_rows(cfg)
+    out: list[Any] = []
+    for i, p in enumerate(phases):
+        title = (
+            f"phase {i + 1}/{len(phases)} {p.name}: seq len {p.max_seq_len}, {p.global_batch_rows:,} x {p.max_seq_len} "
+            f"= {p.tokens_per_step:,} tokens/step, steps {p.start_step + 1:,}-{p.start_step + p.steps:,} "
+            f"({p.steps:,}), {human_tokens(p.tokens)} tokens"
+        )
+        table = Table(title=title, title_justify="left")
+        table.add_column("source", no_wrap=True)
+        table.add_column("tokens", justify="right")  # in the source
+        table.add_column("proportion", justify="right")
+        table.add_column("effective", justify="right")  # tokens this phase reads from it
+        table.add_column("epochs", justify="right")
+        for s in p.sources:
+            epochs = "?" if s.epochs is None else f"{s.epochs:.2f}"
+            style = "bold yellow" if s.epochs is not None and s.epochs > REPEAT_WARN_EPOCHS else ""
+            table.add_row(
+                s.name,
+                human_tokens(s.tokens_in_source),
+                "?" if s.proportion is None else f"{s.proportion:.4f}",
+                human_tokens(s.effective_tokens),
+                Text(epochs, style=style),
+            )
+        out.append(table)
+    total_steps = sum(p.steps for p in phases)
+    total_tokens = sum(p.tokens for p in phases)
+    out.append(Text(f"total: {total_steps:,} steps, {total_tokens:,} tokens ({human_tokens(total_tokens)})"))
+    for warning in plan_warnings(phases):
+        out.append(Text(f"warning: {warning}", style="yellow"))
+    return out
+
+
+def print_plan(cfg: TrainConfig, console: Any = None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
+    for item in _tables(cfg):
+        console.print(item)
+
+
+def render_plan(cfg: TrainConfig, width: int = 120) -> str:
+    """The plan as plain text (for logs)."""
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    print_plan(cfg, Console(file=buffer, width=width, force_terminal=False, color_system=None))
+    return buffer.getvalue()
