@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,46 @@ def read_metrics(run_dir: Path) -> list[dict]:
         for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
         if line.strip()
     ]
+
+
+# --- running `foundry pretrain` as a user would, and killing it -------------------------------
+
+
+def start_run(config: Path, save_folder: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "foundry.cli.main", "pretrain", str(config), f"save_folder={save_folder}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def last_logged_step(run: Path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(run) if "loss" in r), default=0)
+    except (FileNotFoundError, ValueError):  # not yet written, or a line being written
+        return 0
+
+
+def kill_run_after(config: Path, run: Path, step: int, timeout: float = 120) -> None:
+    proc = start_run(config, run)
+    deadline = time.time() + timeout
+    while last_logged_step(run) < step:
+        assert proc.poll() is None, f"run ended before step {step}:\n{proc.stdout.read()}"
+        assert time.time() < deadline, "run too slow"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def finish_run(config: Path, run: Path) -> str:
+    proc = start_run(config, run)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return out
+
+
+def logged_losses(run: Path) -> dict[int, float]:
+    records = [r for r in read_metrics(run) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {r["step"]: r["loss"] for r in records}

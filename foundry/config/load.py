@@ -184,7 +184,7 @@ def _prepare_overrides(overrides: list[str], groups: set[str]) -> list[str]:
         if key in groups and prefix == "":
             out.append(raw)  # a group choice such as model=mpt-7b
             continue
-        if key.startswith("hydra"):
+        if key.startswith(("hydra", "_")):
             out.append(raw)
             continue
         if not _schema_key_ok(key):
@@ -216,7 +216,9 @@ def compose_dict(config_path: str | Path, overrides: list[str] = ()) -> dict[str
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"{path}: {str(e).strip()}") from None
     data.pop("hydra", None)
-    return data
+    # Top-level keys starting with `_` are scratch space for interpolation, e.g. a phase's mix placed with
+    # `- /data@_mixes.long: mpt-7b-8k` and used as `data: ${_mixes.long}` (Hydra cannot put a group in a list).
+    return {k: v for k, v in data.items() if not str(k).startswith("_")}
 
 
 def load_config(config_path: str | Path, overrides: list[str] = ()) -> TrainConfig:
