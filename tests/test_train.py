@@ -52,3 +52,13 @@ def test_autoresume_continues_a_finished_run(tiny_run, tmp_path: Path):
     assert result.step == 15
     steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert steps == list(range(1, 16))  # resumed at 10, no step logged twice
+
+
+def test_wandb_offline_logging(tiny_run, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    overrides = [f"save_folder={run}", "+loggers.wandb.project=foundry-test", "loggers.wandb.mode=offline"]
+    cfg = load_config(tiny_run(steps=3), overrides)
+    train(cfg)
+    run_id = (run / "wandb_id").read_text().strip()
+    assert list(run.glob(f"wandb/offline-run-*-{run_id}")), "no offline wandb run folder"
