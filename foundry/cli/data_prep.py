@@ -148,26 +148,36 @@ def tokenizer_cmd(
     typer.echo(format_tokenizer_summary(train_tokenizer(inputs, opts)))
 
 
-@app.command("text")
-def text_cmd(
-    inputs: Inputs,
-    out: Out,
-    tokenizer: Tok,
-    seq_len: SeqLen,
-    text_field: TextField = "text",
-    val_fraction: ValFraction = 0.0,
-    num_workers: Workers = None,
-    compression: Compression = "zstd",
-    long_min_tokens: LongMin = None,
-    min_tokens: MinTokens = 1,
-    max_tokens: MaxTokens = None,
-    glob: Globs = None,
-    exclude: Exclude = None,
-    overwrite: Overwrite = False,
-    seed: Seed = 0,
-    progress: ShowProgress = True,
-) -> None:
-    """Tokenize text files into windows of --seq-len tokens (documents joined with EOS) in OUT/train.
+def _file_command(kind: str, doc: str):
+    """One `data-prep` verb over files of `kind`; text, jsonl and parquet differ only in how files are read."""
+
+    def command(
+        inputs: Inputs,
+        out: Out,
+        tokenizer: Tok,
+        seq_len: SeqLen,
+        text_field: TextField = "text",
+        val_fraction: ValFraction = 0.0,
+        num_workers: Workers = None,
+        compression: Compression = "zstd",
+        long_min_tokens: LongMin = None,
+        min_tokens: MinTokens = 1,
+        max_tokens: MaxTokens = None,
+        glob: Globs = None,
+        exclude: Exclude = None,
+        overwrite: Overwrite = False,
+        seed: Seed = 0,
+        progress: ShowProgress = True,
+    ) -> None:
+        _prepare(_files(kind, inputs, glob, exclude), out, tokenizer, seq_len, text_field, val_fraction, num_workers,
+                 compression, long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress)  # fmt: skip
+
+    command.__doc__ = doc
+    command.__name__ = f"{kind}_cmd"
+    return command
+
+
+_TEXT_DOC = """Tokenize text files into windows of --seq-len tokens (documents joined with EOS) in OUT/train.
 
     Each file is one document (read as UTF-8); .jsonl/.json files give the --text-field of each line.
 
@@ -181,62 +191,20 @@ def text_cmd(
 
     Example: foundry data-prep text /usr/lib/python3.11 --glob '*.py' --exclude 'site-packages/*' -o py -t tok --seq-len 2048
     """
-    _prepare(_files("text", inputs, glob, exclude), out, tokenizer, seq_len, text_field, val_fraction, num_workers,
-             compression, long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress)  # fmt: skip
 
-
-@app.command("jsonl")
-def jsonl_cmd(
-    inputs: Inputs,
-    out: Out,
-    tokenizer: Tok,
-    seq_len: SeqLen,
-    text_field: TextField = "text",
-    val_fraction: ValFraction = 0.0,
-    num_workers: Workers = None,
-    compression: Compression = "zstd",
-    long_min_tokens: LongMin = None,
-    min_tokens: MinTokens = 1,
-    max_tokens: MaxTokens = None,
-    glob: Globs = None,
-    exclude: Exclude = None,
-    overwrite: Overwrite = False,
-    seed: Seed = 0,
-    progress: ShowProgress = True,
-) -> None:
-    """Tokenize JSON-lines files (one record per line; .json arrays too; .gz/.zst read transparently).
+_JSONL_DOC = """Tokenize JSON-lines files (one record per line; .json arrays too; .gz/.zst read transparently).
 
     Example: foundry data-prep jsonl shards/ --text-field content --out data/mds/code -t tok/ --seq-len 8192
     """
-    _prepare(_files("jsonl", inputs, glob, exclude), out, tokenizer, seq_len, text_field, val_fraction, num_workers,
-             compression, long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress)  # fmt: skip
 
-
-@app.command("parquet")
-def parquet_cmd(
-    inputs: Inputs,
-    out: Out,
-    tokenizer: Tok,
-    seq_len: SeqLen,
-    text_field: TextField = "text",
-    val_fraction: ValFraction = 0.0,
-    num_workers: Workers = None,
-    compression: Compression = "zstd",
-    long_min_tokens: LongMin = None,
-    min_tokens: MinTokens = 1,
-    max_tokens: MaxTokens = None,
-    glob: Globs = None,
-    exclude: Exclude = None,
-    overwrite: Overwrite = False,
-    seed: Seed = 0,
-    progress: ShowProgress = True,
-) -> None:
-    """Tokenize the --text-field column of parquet files (read with pyarrow, batch by batch).
+_PARQUET_DOC = """Tokenize the --text-field column of parquet files (read with pyarrow, batch by batch).
 
     Example: foundry data-prep parquet data/c4/ --out data/mds/c4 --tokenizer tok/ --seq-len 2048 --val-fraction 0.005
     """
-    _prepare(_files("parquet", inputs, glob, exclude), out, tokenizer, seq_len, text_field, val_fraction, num_workers,
-             compression, long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress)  # fmt: skip
+
+text_cmd = app.command("text")(_file_command("text", _TEXT_DOC))
+jsonl_cmd = app.command("jsonl")(_file_command("jsonl", _JSONL_DOC))
+parquet_cmd = app.command("parquet")(_file_command("parquet", _PARQUET_DOC))
 
 
 @app.command("hf")
