@@ -22,6 +22,7 @@ from foundry.models.loss import lm_loss
 from foundry.models.norm import build_norm
 
 VOCAB_MULTIPLE = 128
+LOSS_CHUNK_SIZE: int | None = 4096  # default for MPTForCausalLM.loss_chunk_size
 
 
 def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -117,6 +118,11 @@ class MPTForCausalLM(nn.Module):
         self.vocab_size = padded_vocab_size(vocab_size)
         self.transformer = MPTModel(cfg, self.vocab_size)
         self._block_masks: dict = {}  # flex BlockMasks by (seq_len, device), shared by all layers and steps
+        # Speed knobs that change no result beyond bf16 rounding (benchmarks/throughput.py measures them):
+        # tokens per chunk of the fused linear + cross-entropy on CUDA (None: logits, then cross-entropy),
+        # and FlexAttention kernel options (block sizes, stages; None: attention.CAUSAL_FLEX_OPTIONS alone).
+        self.loss_chunk_size: int | None = LOSS_CHUNK_SIZE
+        self.flex_kernel_options: dict | None = None
 
     def attn_impl(self, device: torch.device | str) -> str:
         """The attention backend a forward on ``device`` runs (auto resolved)."""
@@ -140,11 +146,19 @@ class MPTForCausalLM(nn.Module):
         device = input_ids.device
         slopes = alibi_slopes(self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device)
         plan = plan_attention(
-            self.attn_impl(device), slopes, seq_len, self._compute_dtype(), self._block_masks
+            self.attn_impl(device),
+            slopes,
+            seq_len,
+            self._compute_dtype(),
+            self._block_masks,
+            kernel_options=self.flex_kernel_options,
         )
         hidden = self.transformer(input_ids, plan)
         lm_weight = self.transformer.wte.weight  # tied output matrix, as in MPT
         if labels is not None:
-            return lm_loss(hidden, lm_weight, labels, self.cfg.logit_scale)
+            # The fused loss pays off where its per-chunk kernel is compiled (CUDA); on a CPU the plain
+            # path is faster (measured: 2x on the tiny preset), and there memory is rarely the limit.
+            chunk = self.loss_chunk_size if device.type == "cuda" else None
+            return lm_loss(hidden, lm_weight, labels, self.cfg.logit_scale, chunk_size=chunk)
         logits = F.linear(hidden, lm_weight)
         return logits * self.cfg.logit_scale if self.cfg.logit_scale is not None else logits
