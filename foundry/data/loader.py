@@ -239,6 +239,10 @@ def _open_dataset(
     streams = build_streams(data.streams, "data.streams", warn=False)
     if local_leader:  # only the process that registers the node's folders; the others attach to them
         _clear_stale_registrations([os.path.join(s.local, s.split) for s in streams])
+    # Every rank picks Streaming's shared-memory prefix by scanning /dev/shm and the lock files before
+    # Streaming's own barrier: none may scan while the leader is still removing stale ones.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     try:
         return StreamingDataset(
             streams=streams,
