@@ -1,1 +1,1 @@
-from foundry.version import __version__
+from foundry.version import __version__ as __version__

@@ -180,3 +180,205 @@ def logged_losses(run: Path) -> dict[int, float]:
     steps = [r["step"] for r in records]
     assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
     return {r["step"]: r["loss"] for r in records}
+
+
+# --- multi-process runs: launch, watch, kill one rank or all, preempt ----------------------------
+# (tests/test_distributed.py, test_faults.py, test_preemption.py, test_checkpoint.py, test_remote.py)
+
+
+def unique_windows(n: int, window_len: int, vocab: int, seed: int) -> np.ndarray:
+    """Like learnable_windows, but no two windows are equal: a repeated or skipped sample shows up in
+    the per-step records of the rows trained on (FOUNDRY_TEST_RECORD_BATCHES)."""
+    rng = np.random.default_rng(seed)
+    pairs = rng.choice(vocab * 7, size=n, replace=False)
+    start, step = (pairs % vocab)[:, None], (pairs // vocab + 1)[:, None]
+    return ((start + step * np.arange(window_len)) % vocab).astype(np.int32)
+
+
+DIST_STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def dist_config(tmp_path_factory) -> Path:
+    """A run YAML for multi-process tests: 24 steps of ~0.1 s on 2 CPU ranks, checkpoints every 4 steps,
+    global batch 16 rows in micro-batches of 2 (so it splits over 1, 2 and 4 ranks alike)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    train = write_token_dataset(tmp / "data" / "train", unique_windows(400, 64, 512, 0))
+    val = write_token_dataset(tmp / "data" / "val", learnable_windows(32, 64, 512, 1))
+    path = tmp / "run.yaml"
+    path.write_text(
+        TINY_RUN.format(
+            steps=DIST_STEPS,
+            seq=64,
+            batch=16,
+            micro=2,
+            vocab=512,
+            d_model=128,
+            eval_every=12,
+            save_every=4,
+            train=train,
+            val=val,
+        )  # fmt: skip
+    )
+    return path
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts each rank in a session of its own: killpg misses them)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(_children(p))
+    return out
+
+
+def rank_pid(pid: int, rank: int) -> int | None:
+    """The pid of the trainer process of `rank` under the launcher `pid`."""
+    for p in process_tree(pid)[1:]:
+        try:
+            environ = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            f"RANK={rank}".encode() in environ
+            and b"foundry.cli.main" in cmdline
+            and b"torch.distributed.run" not in cmdline
+        ):
+            return p
+    return None
+
+
+class LaunchedRun:
+    """`foundry pretrain [--nproc N] CONFIG save_folder=RUN ...` in the background, output in a log file."""
+
+    def __init__(self, config: Path, run: Path, *overrides: str, nproc: int = 1, env: dict | None = None):
+        self.run = Path(run)
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.log = self.run.parent / f"{self.run.name}-{time.time_ns()}.log"
+        cmd = [sys.executable, "-m", "foundry.cli.main", "pretrain"]
+        cmd += ["--nproc", str(nproc)] if nproc > 1 else []
+        cmd += [str(config), f"save_folder={run}", *overrides]
+        # COLUMNS: rich would wrap long log lines (and paths in them) at 80 columns. TMPDIR: Streaming's
+        # lock files of earlier multi-rank runs, left in /tmp, can make ranks disagree on their shared-memory
+        # prefix ("prefix=1 was not registered by local leader"); each launch gets a clean one.
+        tmp = self.run.parent / f"tmp-{time.time_ns()}"
+        tmp.mkdir()
+        full_env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+            COLUMNS="500",
+            TMPDIR=str(tmp),
+            **(env or {}),
+        )
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, condition, what: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while not condition():
+            assert self.proc.poll() is None, (
+                f"run ended (code {self.proc.returncode}) before {what}:\n{self.output}"
+            )
+            assert time.time() < deadline, f"timed out waiting for {what}:\n{self.output}"
+            time.sleep(0.01)
+
+    def wait_step(self, step: int, timeout: float = 120) -> int:
+        self.wait_for(lambda: last_logged_step(self.run) >= step, f"step {step}", timeout)
+        return last_logged_step(self.run)
+
+    def kill_all(self) -> None:
+        """SIGKILL to the launcher, torchrun and every rank at once (a node that loses power)."""
+        for p in process_tree(self.proc.pid):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def kill_rank(self, rank: int) -> None:
+        """SIGKILL one rank (a process that crashes); torchrun then stops the others."""
+        pid = rank_pid(self.proc.pid, rank)
+        assert pid is not None, f"no process for rank {rank}"
+        os.kill(pid, signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise AssertionError(f"run did not end within {timeout}s:\n{self.output}") from None
+        return code, self.output
+
+
+@pytest.fixture(scope="session")
+def dist_reference(dist_config, tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank run of dist_config (synchronous saves), recording the rows of every step."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    rows = run.parent / "rows"
+    rows.mkdir()
+    code, out = LaunchedRun(
+        dist_config, run, nproc=2, env={"FOUNDRY_TEST_RECORD_BATCHES": str(rows)}
+    ).finish()
+    assert code == 0, out
+    return run
+
+
+def recorded_rows(rows_dir: Path) -> dict[int, list[int]]:
+    """step -> the sorted CRC32s of every row trained on in that step, all ranks together. A step recorded
+    twice (redone after a resume) must have had the same rows both times."""
+    import json
+    from collections import defaultdict
+
+    per_file: dict[str, dict[int, list[int]]] = {}
+    for f in sorted(Path(rows_dir).glob("rank*.jsonl")):
+        steps: dict[int, list[int]] = defaultdict(list)
+        for line in f.read_text().splitlines():
+            record = json.loads(line)
+            steps[record["step"]].append(record["rows"])
+        per_file[f.name] = steps
+    merged: dict[int, list[int]] = defaultdict(list)
+    for name, steps in per_file.items():
+        for step, attempts in steps.items():
+            assert all(a == attempts[0] for a in attempts), f"{name}: step {step} redone on other rows"
+            merged[step].extend(attempts[0])
+    return {step: sorted(rows) for step, rows in merged.items()}
+
+
+@pytest.fixture(scope="session")
+def dist_one_rank(dist_config, tmp_path_factory) -> Path:
+    """dist_config in this process (no FSDP, no collectives), rows recorded as in dist_reference."""
+    from foundry.config.load import load_config
+    from foundry.train.trainer import train
+
+    run = tmp_path_factory.mktemp("one_rank") / "run"
+    rows = run.parent / "rows"
+    rows.mkdir()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FOUNDRY_TEST_RECORD_BATCHES", str(rows))
+    try:
+        train(load_config(dist_config, [f"save_folder={run}"]))
+    finally:
+        mp.undo()
+    return run

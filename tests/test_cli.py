@@ -59,6 +59,7 @@ def test_train_convert_roundtrip(cli, tiny_run, tmp_path: Path):
         "pretrain", str(config), f"save_folder={run}", "model.vocab_size=null", f"tokenizer.name={tok}"
     )
     assert result.returncode == 0, result.stderr
+    assert "total: 20 steps" in result.stdout  # the plan, printed before training starts
     trained_eval = [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r][-1]
 
     hf = tmp_path / "hf"

@@ -67,6 +67,11 @@ def test_plan_of_the_curriculum(tmp_path: Path):
     ]
 
 
+def test_phase_overrides_by_index(tmp_path: Path):
+    cfg = load_config(_config(tmp_path), ["phases.1.duration=30ba", "phases.0.max_seq_len=64"])
+    assert (cfg.phases[0].max_seq_len, cfg.phases[1].duration) == (64, "30ba")
+
+
 def test_sigkill_in_each_phase_and_on_the_boundary(tmp_path: Path):
     config = _config(tmp_path)
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"

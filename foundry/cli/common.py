@@ -20,7 +20,16 @@ def setup_logging() -> None:
     logging.basicConfig(
         level=level, format=f"{'' if rank == 0 else f'[rank {rank}] '}%(message)s", handlers=[handler]
     )
-    for noisy in ("streaming", "torch.distributed", "urllib3", "filelock", "httpx"):
+    for noisy in (
+        "streaming",
+        "torch.distributed",
+        "urllib3",
+        "filelock",
+        "httpx",
+        "botocore",
+        "s3fs",
+        "fsspec",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -28,12 +28,43 @@ NPROC_OPT = typer.Option(
 
 
 def _launch_torchrun(verb: str, nproc: int, config: Path, overrides: list[str]) -> None:
+    """Run `foundry VERB` on N local processes under torchrun; exit with its exit code.
+
+    SIGTERM (a scheduler preempting us) is passed on as a stop file that every rank checks after each
+    step, not as a signal to torchrun: torchrun would pass SIGTERM on to the ranks but then exit with
+    an error even when they checkpoint and exit cleanly. A second SIGTERM goes to torchrun itself.
+    """
+    import signal
+    import tempfile
+
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "foundry.cli.main", verb, str(config), *overrides,
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    raise SystemExit(subprocess.call(cmd, env=env))
+    with tempfile.TemporaryDirectory(prefix="foundry-launch-") as tmp:
+        stop_file = Path(tmp) / "stop"
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+            FOUNDRY_STOP_FILE=str(stop_file),
+        )
+        proc = subprocess.Popen(cmd, env=env)
+
+        def on_sigterm(signum, frame):
+            if stop_file.exists():
+                proc.send_signal(signal.SIGTERM)
+            else:
+                log.warning("SIGTERM: asking every rank to checkpoint and stop after its current step")
+                stop_file.touch()
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            code = proc.wait()  # Ctrl-C reached torchrun and the ranks too; let them wind down
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    raise SystemExit(code)
 
 
 def _run(verb: str, config: Path, overrides: list[str], nproc: int | None, require_load_path: bool) -> None:
@@ -45,6 +76,11 @@ def _run(verb: str, config: Path, overrides: list[str], nproc: int | None, requi
         from foundry.errors import ConfigError
 
         raise ConfigError("finetune starts from weights: set load_path=RUN_OR_CHECKPOINT", "load_path")
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("FOUNDRY_PLAN_SHOWN"):
+        from foundry.plan_report import print_plan
+
+        print_plan(cfg)  # the plan before any compute is spent; once, even when relaunched under torchrun
+        os.environ["FOUNDRY_PLAN_SHOWN"] = "1"
     if nproc and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _launch_torchrun(verb, nproc, config, overrides)
     from foundry.train.trainer import train

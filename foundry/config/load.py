@@ -170,6 +170,9 @@ _OVERRIDE = re.compile(r"^(?P<prefix>\+\+|\+|~)?(?P<key>[A-Za-z_][\w.\[\]<>-]*)(
 
 def _schema_key_ok(key: str) -> bool:
     """Is `key` (dotted, maybe through user-named dict entries) a path in the schema?"""
+    key = re.sub(
+        r"\.(\d+)(?=\.|$)", "[]", key
+    )  # a list item, Hydra's way: phases.0.duration -> phases[].duration
     return any(_matches(candidate, key) for candidate in schema_paths())
 
 

@@ -283,6 +283,9 @@ class TrainConfig:
     save_async: bool = False
     save_grace_period_s: float = 120.0  # SIGTERM: finish the step, save, exit within this
     autoresume: bool = True
+    # A remote save_folder (s3://...) is staged here before upload. None: $FOUNDRY_CACHE_DIR or ~/.cache/foundry.
+    save_local_dir: str | None = None
+    allow_data_change: bool = False  # resume even if the current phase's data changed (fingerprint mismatch)
     load_path: str | None = (
         None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
     )

@@ -6,12 +6,16 @@ first, then ``fully_shard`` shards each block and the root, so one all-gather se
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from foundry.config.schema import FSDPConfig
 from foundry.train.dist import DistEnv
+
+log = logging.getLogger("foundry")
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -31,10 +35,14 @@ def apply_activation_checkpointing(model: nn.Module, cfg: FSDPConfig) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block on its own: one graph reused by every layer, and FSDP hooks stay outside it."""
+    """Compile each block on its own: one graph reused by every layer, and FSDP hooks stay outside it.
+
+    dynamic=False: shapes only change at a sequence-length phase switch (or in a benchmark sweep), where a
+    recompile to static shapes is cheaper than kernels that take every size at run time.
+    """
     blocks = _blocks(model)
     for i, block in enumerate(blocks):
-        blocks[i] = torch.compile(block, fullgraph=False)
+        blocks[i] = torch.compile(block, fullgraph=False, dynamic=False)
 
 
 def mixed_precision_policy(cfg: FSDPConfig, precision: str):
@@ -49,46 +57,76 @@ def mixed_precision_policy(cfg: FSDPConfig, precision: str):
     return MixedPrecisionPolicy()  # FULL: fp32 everything
 
 
-def device_mesh(env: DistEnv, cfg: FSDPConfig):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    kind = env.device.type
+def mesh_shape(env: DistEnv, cfg: FSDPConfig) -> tuple[int, int]:
+    """(replicas, shards): FULL_SHARD shards over every rank; HYBRID_SHARD shards within a group and
+    replicates across groups (default: one group per node); NO_SHARD replicates everything (DDP-like)."""
+    if cfg.sharding_strategy == "NO_SHARD":
+        return env.world_size, 1
     if cfg.sharding_strategy == "HYBRID_SHARD":
-        replicas = cfg.replicate_degree or 1
-        if env.world_size % replicas:
+        replicas = cfg.replicate_degree or max(env.world_size // max(env.local_world_size, 1), 1)
+        if replicas <= 0 or env.world_size % replicas:
             from foundry.errors import ConfigError
 
             raise ConfigError(
                 f"replicate_degree {replicas} does not divide the world size {env.world_size}",
                 "fsdp_config.replicate_degree",
             )
-        return init_device_mesh(
-            kind, (replicas, env.world_size // replicas), mesh_dim_names=("replicate", "shard")
-        )
-    return init_device_mesh(kind, (env.world_size,), mesh_dim_names=("shard",))
+        return replicas, env.world_size // replicas
+    return 1, env.world_size
+
+
+def device_mesh(env: DistEnv, cfg: FSDPConfig):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    replicas, shards = mesh_shape(env, cfg)
+    if cfg.sharding_strategy == "FULL_SHARD":
+        return init_device_mesh(env.device.type, (shards,), mesh_dim_names=("shard",))
+    # A 2-D mesh makes fully_shard replicate over dim 0 and shard over dim 1 (HSDP).
+    return init_device_mesh(env.device.type, (replicas, shards), mesh_dim_names=("replicate", "shard"))
 
 
 def apply_fsdp(model: nn.Module, env: DistEnv, cfg: FSDPConfig, precision: str) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = device_mesh(env, cfg)
-    kwargs = dict(mesh=mesh, mp_policy=mixed_precision_policy(cfg, precision))
-    if cfg.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    if cfg.sharding_strategy == "NO_SHARD":
-        kwargs["reshard_after_forward"] = False
+    mp = mixed_precision_policy(cfg, precision)
+    kwargs = dict(mesh=mesh, mp_policy=mp)
+    if cfg.cpu_offload:  # pinned host memory needs CUDA; on a CPU run the offload is a plain copy
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
+    # Without sharding there is nothing to free after forward.
+    reshard_root = cfg.reshard_after_forward and cfg.sharding_strategy != "NO_SHARD"
     blocks = _blocks(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them gathered.
-        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
-        fully_shard(block, reshard_after_forward=reshard, **kwargs)
-    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+        fully_shard(block, reshard_after_forward=reshard_root and i < len(blocks) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_root, **kwargs)
+    if env.is_main:
+        replicas, shards = mesh_shape(env, cfg)
+        log.info(
+            "FSDP2 %s: mesh replicate=%d x shard=%d, params %s / reduce %s, reshard_after_forward=%s, "
+            "activation checkpointing %s, cpu offload %s",
+            cfg.sharding_strategy,
+            replicas,
+            shards,
+            str(mp.param_dtype or torch.float32).replace("torch.", ""),
+            str(mp.reduce_dtype or mp.param_dtype or torch.float32).replace("torch.", ""),
+            reshard_root,
+            cfg.activation_checkpointing
+            + (
+                f" every {cfg.activation_checkpointing_every}"
+                if cfg.activation_checkpointing == "selective"
+                else ""
+            ),
+            "on" if cfg.cpu_offload else "off",
+        )
 
 
 def parallelize(model: nn.Module, env: DistEnv, fsdp: FSDPConfig, precision: str, compile: bool) -> nn.Module:
     apply_activation_checkpointing(model, fsdp)
     if compile:
         apply_compile(model)
-    if env.distributed and dist.is_initialized():
+    # Shard wherever a process group exists: torchrun with N > 1 ranks, or a 1-rank group that a caller set
+    # up on purpose (benchmarks/throughput.py --fsdp on one GPU: FSDP2's bf16 compute copies, as on N GPUs).
+    if dist.is_initialized():
         apply_fsdp(model, env, fsdp, precision)
     return model

@@ -32,7 +32,9 @@ def train_step(
     device: torch.device,
     precision: str,
     grad_clip_norm: float | None,
+    poison: bool = False,
 ) -> StepResult:
+    """`poison` (tests only) makes the loss NaN, as a bad batch or an overflow would."""
     model.train()
     # Weight each micro-batch by its share of target tokens: the step's loss is the mean over all of them.
     counts = [int((b["labels"] != -100).sum()) for b in batches]
@@ -47,15 +49,17 @@ def train_step(
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast_for(precision, device):
             loss = model(input_ids, labels=labels) * (counts[i] / n_tokens)
+        if poison:
+            loss = loss * float("nan")
         loss.backward()
         total += loss.detach()
     loss_value = fdist.all_reduce_mean(total)
-    grad_norm = None
-    if grad_clip_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    ok = bool(torch.isfinite(loss_value)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+    # The norm is computed without clipping too: a NaN/Inf gradient under a finite loss must skip the step.
+    max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    ok = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(grad_norm))
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(float(loss_value), float(grad_norm) if grad_norm is not None else None, ok)
+    return StepResult(float(loss_value), float(grad_norm), ok)

@@ -6,10 +6,15 @@ below the loop, so the loop itself reads top to bottom.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import signal
+import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from foundry.config.schema import TrainConfig
 from foundry.errors import FoundryError
 from foundry.train import checkpoint as ckpt
 from foundry.train import dist as fdist
+from foundry.train import remote as fremote
 from foundry.train.plan import PhasePlan, RunPlan, make_plan
 from foundry.train.step import StepResult, autocast_for, train_step
 
@@ -138,7 +144,7 @@ class Trainer:
         self.cfg = cfg
         self.env = fdist.setup(cfg.device, cfg.dist_timeout_s)
         self.plan: RunPlan = make_plan(cfg)
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir, self.remote = run_location(cfg)
         self.ckpt_root = self.run_dir / ckpt.CHECKPOINTS
         self.precision = resolve_precision(cfg, self.env.device)
         torch.manual_seed(cfg.seed)
@@ -158,21 +164,33 @@ class Trainer:
         self.state = TrainState()
         self.loader = None
         self.loader_phase: int | None = None
-        self._stop_requested = False
+        self.checkpointer = ckpt.Checkpointer(
+            self.ckpt_root,
+            self.env,
+            keep=cfg.save_num_checkpoints_to_keep,
+            use_async=cfg.save_async,
+            remote=self.remote,
+            run_dir=self.run_dir,
+        )
+        self.preemption = Preemption(cfg.save_grace_period_s)
+        self.hooks = FaultHooks.from_env()
+        self._save_owed = False  # a save fell on a NaN/Inf step: write it after the next good one
+        self._current_step = 0  # the step being trained, for error messages
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
         cfg, env, plan = self.cfg, self.env, self.plan
+        self.preemption.install()
         self._prepare_run_dir()
         resumed_from = self._resume_or_load()
         loggers = self._open_loggers(resumed_from)
-        self._install_signal_handlers()
         first_loss = last_loss = first_eval = last_eval = None
         window = _Window()
         try:
             while self.state.step < plan.total_steps:
                 phase = plan.phase_at(self.state.step)
                 batches = self._loader_for(phase).next_step()
+                self._before_step(batches)
                 window.start()
                 result = self.train_step(batches)
                 loss = result.loss
@@ -182,12 +200,11 @@ class Trainer:
                 self._count_bad_step(result.ok)
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
-                if self._due(cfg.log_interval, phase) or self.state.step == plan.total_steps:
+                last = self.state.step == plan.total_steps
+                if self._due(cfg.log_interval, phase) or last:
                     loggers.log(self._train_record(phase, loss, result.grad_norm, window.rate(env)))
                     window.reset()
-                if (
-                    cfg.eval_interval and self._due(cfg.eval_interval, phase)
-                ) or self.state.step == plan.total_steps:
+                if (cfg.eval_interval and self._due(cfg.eval_interval, phase)) or last:
                     eval_loss = self.evaluate(phase)
                     if eval_loss is not None:
                         first_eval = eval_loss if first_eval is None else first_eval
@@ -195,19 +212,24 @@ class Trainer:
                         loggers.log(
                             {"step": self.state.step, "tokens": self.state.tokens, "eval_loss": eval_loss}
                         )
-                stop = self._stop_agreed()
-                if self._due(cfg.save_interval, phase) or self.state.step == plan.total_steps or stop:
-                    self.save()
-                if stop:
-                    log.warning(
-                        "stopping at step %d on request (SIGTERM); rerun the same command to continue",
-                        self.state.step,
-                    )
+                stop = self._agree_between_steps()
+                if self._save_now(phase, result.ok, last or stop):
+                    self.save(blocking=last or stop)
+                if stop and not last:
+                    self.checkpointer.close()
+                    self.preemption.report(self.state.step, env.is_main)
                     return self._result(first_loss, last_loss, first_eval, last_eval, preempted=True)
+            self.checkpointer.close()
+        except Exception as e:
+            self.checkpointer.abandon()
+            if fdist.is_comm_failure(e):
+                raise FoundryError(fdist.describe_comm_failure(env, self._current_step, e)) from e
+            raise
         finally:
             loggers.close()
             if self.loader is not None:
                 self.loader.close()
+            self.preemption.uninstall()
         return self._result(first_loss, last_loss, first_eval, last_eval)
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
@@ -218,6 +240,7 @@ class Trainer:
             device=self.env.device,
             precision=self.precision,
             grad_clip_norm=self.cfg.grad_clip_norm,
+            poison=self.hooks.poisoned(self.state.step + 1),
         )
         self.scheduler.step()
         return result
@@ -254,7 +277,8 @@ class Trainer:
         return float(loss_sum / count) if count > 0 else None
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
+    def save(self, blocking: bool = True) -> None:
+        """Checkpoint the run at this step; asynchronous (with save_async) unless `blocking`."""
         self.state.loader_state = self.loader.state_dict() if self.loader is not None else None
         self.state.phase_index = (
             self.loader_phase if self.loader_phase is not None else self.state.phase_index
@@ -262,41 +286,42 @@ class Trainer:
         trainer_state = {
             "train": asdict(self.state),
             "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
             "world_size": self.env.world_size,
+            "data_fingerprint": data_fingerprint(self.plan),
         }
         t0 = time.perf_counter()
-        path = ckpt.save(
-            self.ckpt_root,
-            self.state.step,
-            self._app_state(),
-            trainer_state,
-            to_yaml(self.cfg),
-            keep=self.cfg.save_num_checkpoints_to_keep,
+        self.checkpointer.save(
+            self.state.step, self._app_state(), trainer_state, _rng_state(), to_yaml(self.cfg), blocking
         )
+        self._save_owed = False
         if self.env.is_main:
-            log.info("saved checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
-        return path
+            how = "saved" if not self.checkpointer.pending else "started saving (in the background)"
+            log.info("%s checkpoint of step %d (%.2fs)", how, self.state.step, time.perf_counter() - t0)
 
     def _resume_or_load(self) -> Path | None:
-        """Autoresume from the newest complete checkpoint; else start from load_path's weights; else fresh."""
-        candidates = ckpt.list_complete(self.ckpt_root) if self.cfg.autoresume else []
-        candidates = fdist.broadcast_object([str(p) for p in candidates])
-        for path in reversed(candidates):
-            try:
-                trainer_state = ckpt.load(Path(path), self._app_state())
-            except Exception as e:  # a corrupt checkpoint: fall back to the one before it
-                log.warning("cannot load checkpoint %s (%s); trying the previous one", path, e)
-                continue
+        """Autoresume from the newest good checkpoint; else start from load_path's weights; else fresh."""
+        loaded = self.checkpointer.load_newest(self._app_state()) if self.cfg.autoresume else None
+        if loaded is not None:
+            path, trainer_state, rng = loaded
             self.state = TrainState(**trainer_state["train"])
+            # Only the phase whose data position is resumed must read the same data; a phase that starts
+            # afresh (or is still to come) may have new data.
+            if self.state.loader_state is not None and self.plan.phase_at(self.state.step).index == (
+                self.state.phase_index
+            ):
+                check_data_unchanged(
+                    trainer_state.get("data_fingerprint"),
+                    data_fingerprint(self.plan),
+                    self.state.phase_index,
+                    self.cfg,
+                )
             self.scheduler.load_state_dict(trainer_state["scheduler"])
-            if trainer_state.get("world_size") == self.env.world_size:
-                _set_rng_state(trainer_state["rng"])
+            rng = rng or trainer_state.get("rng")  # older checkpoints kept rank 0's RNG in the trainer state
+            if rng is not None and trainer_state.get("world_size") == self.env.world_size:
+                _set_rng_state(rng)
             if self.env.is_main:
                 log.info("resumed from %s at step %d (%d tokens)", path, self.state.step, self.state.tokens)
-            return Path(path)
-        if candidates:
-            raise FoundryError(f"none of the checkpoints in {self.ckpt_root} could be loaded")
+            return path
         if self.cfg.load_path:
             self._load_weights(self.cfg.load_path)
         return None
@@ -344,9 +369,34 @@ class Trainer:
             )
         return self.loader
 
+    def _before_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self._current_step = self.state.step + 1
+        self.hooks.before_step(self.env, self._current_step, batches)
+        fdist.heartbeat(self.env, self._current_step)  # "this rank has its batch and starts the step"
+
     def _due(self, interval: str, phase: PhasePlan) -> bool:
         steps = Duration.parse(interval).to_steps(phase.tokens_per_step)
         return self.state.step % steps == 0
+
+    def _save_now(self, phase: PhasePlan, step_ok: bool, must: bool) -> bool:
+        """Save at the interval, but never right after a NaN/Inf step: that save waits for a good step,
+        so the newest checkpoint is a good one (unless the run ends or is preempted right now)."""
+        due = self._due(self.cfg.save_interval, phase) or self._save_owed
+        if due and not step_ok and not must:
+            self._save_owed = True
+            return False
+        return due or must
+
+    def _agree_between_steps(self) -> bool:
+        """One small all-reduce per step: should every rank stop now (SIGTERM on any rank), and has every
+        rank finished writing the checkpoint in flight (then it is marked complete now)?"""
+        stop, writing = fdist.any_rank(
+            [self.preemption.requested, self.checkpointer.pending and not self.checkpointer.ready()],
+            self.env.device,
+        )
+        if self.checkpointer.pending and not writing:
+            self.checkpointer.finish()
+        return stop
 
     def _count_bad_step(self, ok: bool) -> None:
         if ok:
@@ -354,8 +404,10 @@ class Trainer:
             return
         self.state.bad_steps_in_row += 1
         self.state.bad_steps_total += 1
-        log.warning("step %d: loss or gradient is NaN/Inf; update skipped", self.state.step)
+        if self.env.is_main:
+            log.warning("step %d: loss or gradient is NaN/Inf; update skipped", self.state.step)
         if self.state.bad_steps_in_row > self.cfg.max_bad_steps:
+            self.checkpointer.close()  # a checkpoint still being written (of a good step) completes
             raise FoundryError(
                 f"{self.state.bad_steps_in_row} NaN/Inf steps in a row (max_bad_steps={self.cfg.max_bad_steps}); "
                 f"stopping. The last good checkpoint is in {self.ckpt_root}; lower optimizer.lr or check the data."
@@ -384,11 +436,15 @@ class Trainer:
         return record
 
     def _prepare_run_dir(self) -> None:
-        if self.env.is_main:
+        if self.env.is_local_leader:  # a remote run stages on every node's own disk
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.env.is_main:
+            if self.remote is not None:  # a fresh node continues the run's metrics file and wandb run
+                self.remote.download_missing_run_files(self.run_dir)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if self.remote is not None:
+                self.remote.put(self.run_dir / "config.yaml", "config.yaml")
+        fdist.barrier()
 
     def _open_loggers(self, resumed_from: Path | None):
         from foundry.config.load import to_dict
@@ -422,22 +478,6 @@ class Trainer:
             )
         return LoggerGroup(loggers)
 
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, frame):
-            self._stop_requested = True
-
-        try:
-            signal.signal(signal.SIGTERM, request_stop)
-        except ValueError:  # not the main thread (e.g. called from a test harness thread)
-            pass
-
-    def _stop_agreed(self) -> bool:
-        """Every rank stops at the same step if any rank was asked to."""
-        flag = torch.tensor(float(self._stop_requested), device=self.env.device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
     def _result(self, first_loss, last_loss, first_eval, last_eval, preempted=False) -> TrainResult:
         return TrainResult(
             self.state.step,
@@ -449,6 +489,196 @@ class Trainer:
             str(self.run_dir),
             preempted,
         )
+
+
+def run_location(cfg: TrainConfig) -> tuple[Path, fremote.RemoteDir | None]:
+    """The local run folder, and the remote one when save_folder is a URL (the local one then stages it)."""
+    folder = cfg.run_dir
+    if not fremote.is_remote(folder):
+        return Path(fremote.local_path(folder)), None
+    staging = fremote.staging_dir(folder, cfg.save_local_dir)
+    return staging, fremote.RemoteDir(folder)
+
+
+class Preemption:
+    """SIGTERM (what SLURM and Kubernetes send), or the stop file of `foundry pretrain --nproc`, asks the
+    run to finish its step, checkpoint and exit 0. If that takes longer than the grace period (a rank
+    hangs, a save is too slow), the process exits with an error instead of waiting to be killed."""
+
+    STOP_FILE_ENV = "FOUNDRY_STOP_FILE"
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self.requested_at: float | None = None
+        self._stop_file = os.environ.get(self.STOP_FILE_ENV)
+        self._previous = None
+        self._deadline: threading.Timer | None = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.request())
+        except ValueError:  # not the main thread (e.g. a test harness thread): rely on the stop file
+            self._previous = None
+
+    def uninstall(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def request(self) -> None:
+        if self.requested_at is not None:
+            return
+        self.requested_at = time.monotonic()
+        self._deadline = threading.Timer(self.grace_s, self._overdue)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    @property
+    def requested(self) -> bool:
+        if self.requested_at is None and self._stop_file and os.path.exists(self._stop_file):
+            self.request()
+        return self.requested_at is not None
+
+    def report(self, step: int, main: bool) -> None:
+        took = time.monotonic() - (self.requested_at or time.monotonic())
+        if main:
+            log.warning(
+                "stopped at step %d on request (SIGTERM), %.1fs after it came (save_grace_period_s=%g); "
+                "rerun the same command to continue",
+                step,
+                took,
+                self.grace_s,
+            )
+
+    def _overdue(self) -> None:
+        log.error(
+            "asked to stop %gs ago (save_grace_period_s) and not done: exiting without a new checkpoint; "
+            "the previous complete one stands",
+            self.grace_s,
+        )
+        logging.shutdown()
+        os._exit(1)
+
+
+class FaultHooks:
+    """Fault injection for tests, read from FOUNDRY_TEST_* variables; inert in a normal run.
+
+    FOUNDRY_TEST_NAN_STEPS=3,4,9  the loss of these steps becomes NaN (the step must be skipped)
+    FOUNDRY_TEST_HANG=RANK:STEP   that rank stops responding before that step (a hung rank)
+    FOUNDRY_TEST_RECORD_BATCHES=DIR  each rank appends the CRC32 of every row it trains on, per step
+    """
+
+    def __init__(self, nan_steps=(), hang: tuple[int, int] | None = None, record_dir: str | None = None):
+        self.nan_steps = set(nan_steps)
+        self.hang = hang
+        self.record_dir = Path(record_dir) if record_dir else None
+
+    @classmethod
+    def from_env(cls) -> FaultHooks:
+        env = os.environ
+        nan = [int(s) for s in env.get("FOUNDRY_TEST_NAN_STEPS", "").split(",") if s.strip()]
+        hang = (
+            tuple(int(x) for x in env["FOUNDRY_TEST_HANG"].split(":"))
+            if env.get("FOUNDRY_TEST_HANG")
+            else None
+        )
+        return cls(nan, hang, env.get("FOUNDRY_TEST_RECORD_BATCHES"))
+
+    def poisoned(self, step: int) -> bool:
+        return step in self.nan_steps
+
+    def before_step(self, env: fdist.DistEnv, step: int, batches: list[dict[str, torch.Tensor]]) -> None:
+        if self.record_dir is not None:
+            rows = [zlib.crc32(r.numpy().tobytes()) for b in batches for r in b["input_ids"]]
+            with open(self.record_dir / f"rank{env.rank}-of-{env.world_size}.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "rows": rows}) + "\n")
+        if self.hang is not None and self.hang == (env.rank, step):
+            log.warning("rank %d: hanging before step %d (FOUNDRY_TEST_HANG)", env.rank, step)
+            while True:
+                time.sleep(1)
+
+
+def data_fingerprint(plan: RunPlan) -> list[dict]:
+    """What each phase reads: its streams (folders, weights, content hashes) and shuffle settings."""
+    from foundry.data import mds
+
+    phases = []
+    for phase in plan.phases:
+        streams = {}
+        for name, s in phase.data.streams.items():
+            folder = mds.stream_dir(s)
+            streams[name] = {
+                "local": str(folder) if folder is not None else None,
+                "remote": s.remote,
+                "weight": [s.proportion, s.repeat, s.choose],
+                **_content_hashes(folder),
+            }
+        phases.append(
+            {"streams": streams, "shuffle": phase.data.shuffle, "shuffle_seed": phase.data.shuffle_seed}
+        )
+    return phases
+
+
+def _content_hashes(folder: Path | None) -> dict[str, str | None]:
+    """index.json's hash, and the first MiB of the first shard's: index.json alone is the same for any data
+    of the same shape (it lists sizes, not contents); reading every shard would take minutes on large data.
+    None where the file is not on this machine (yet): a remote stream before Streaming fetched it."""
+    hashes: dict[str, str | None] = {"index_sha256": None, "first_shard_sha256": None}
+    index = folder / "index.json" if folder is not None else None
+    if index is None or not index.is_file():
+        return hashes
+    hashes["index_sha256"] = hashlib.sha256(index.read_bytes()).hexdigest()
+    try:
+        shard = json.loads(index.read_text())["shards"][0]
+        basename = (shard.get("raw_data") or shard.get("zip_data"))["basename"]
+        with open(folder / basename, "rb") as f:
+            hashes["first_shard_sha256"] = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    return hashes
+
+
+def check_data_unchanged(saved: list[dict] | None, now: list[dict], phase: int, cfg: TrainConfig) -> None:
+    """Refuse to resume phase `phase` on data other than the checkpoint's: a resume never silently changes data."""
+    if saved is None or phase >= len(saved) or phase >= len(now):
+        return  # a checkpoint from before fingerprints, or a plan whose phases changed (the loader checks more)
+    problems, notes = [], []
+    old, new = saved[phase], now[phase]
+    i = phase
+    if set(old["streams"]) != set(new["streams"]):
+        problems.append(f"phase {i}: streams {sorted(old['streams'])} became {sorted(new['streams'])}")
+    else:
+        for key in ("shuffle", "shuffle_seed"):
+            if old[key] != new[key]:
+                problems.append(f"phase {i}: data.{key} {old[key]!r} became {new[key]!r}")
+        for name, o in old["streams"].items():
+            n = new["streams"][name]
+            if o["weight"] != n["weight"]:
+                problems.append(
+                    f"phase {i} stream {name}: proportion/repeat/choose {o['weight']} became {n['weight']}"
+                )
+            if any(o.get(k) and n.get(k) and o[k] != n[k] for k in ("index_sha256", "first_shard_sha256")):
+                problems.append(
+                    f"phase {i} stream {name}: the data in {n['local'] or n['remote']} changed (its index.json or first shard differs)"
+                )
+            elif (o["local"], o["remote"]) != (n["local"], n["remote"]):
+                notes.append(
+                    f"stream {name} moved from {o['local'] or o['remote']} to {n['local'] or n['remote']}"
+                )
+    for note in notes:
+        log.info("%s (same content hash: the same data)", note)
+    if not problems:
+        return
+    message = "the data differs from the checkpoint's: " + "; ".join(problems)
+    if cfg.allow_data_change:
+        log.warning("%s; continuing because allow_data_change is set", message)
+        return
+    raise FoundryError(
+        f"{message}. Resuming would silently train on other data. Restore the original data, or start a new "
+        "run from these weights (load_path=CHECKPOINT, a new save_folder), or set allow_data_change=true."
+    )
 
 
 class _Window:
