@@ -6,15 +6,9 @@ below the loop, so the loop itself reads top to bottom.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import signal
-import threading
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +28,10 @@ from foundry.errors import FoundryError
 from foundry.train import checkpoint as ckpt
 from foundry.train import dist as fdist
 from foundry.train import remote as fremote
+from foundry.train.fault_hooks import FaultHooks
+from foundry.train.fingerprint import check_data_unchanged, data_fingerprint
 from foundry.train.plan import PhasePlan, RunPlan, make_plan
+from foundry.train.preemption import Preemption
 from foundry.train.step import StepResult, autocast_for, train_step
 
 log = logging.getLogger("foundry")
@@ -498,187 +495,6 @@ def run_location(cfg: TrainConfig) -> tuple[Path, fremote.RemoteDir | None]:
         return Path(fremote.local_path(folder)), None
     staging = fremote.staging_dir(folder, cfg.save_local_dir)
     return staging, fremote.RemoteDir(folder)
-
-
-class Preemption:
-    """SIGTERM (what SLURM and Kubernetes send), or the stop file of `foundry pretrain --nproc`, asks the
-    run to finish its step, checkpoint and exit 0. If that takes longer than the grace period (a rank
-    hangs, a save is too slow), the process exits with an error instead of waiting to be killed."""
-
-    STOP_FILE_ENV = "FOUNDRY_STOP_FILE"
-
-    def __init__(self, grace_s: float):
-        self.grace_s = grace_s
-        self.requested_at: float | None = None
-        self._stop_file = os.environ.get(self.STOP_FILE_ENV)
-        self._previous = None
-        self._deadline: threading.Timer | None = None
-
-    def install(self) -> None:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.request())
-        except ValueError:  # not the main thread (e.g. a test harness thread): rely on the stop file
-            self._previous = None
-
-    def uninstall(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def request(self) -> None:
-        if self.requested_at is not None:
-            return
-        self.requested_at = time.monotonic()
-        self._deadline = threading.Timer(self.grace_s, self._overdue)
-        self._deadline.daemon = True
-        self._deadline.start()
-
-    @property
-    def requested(self) -> bool:
-        if self.requested_at is None and self._stop_file and os.path.exists(self._stop_file):
-            self.request()
-        return self.requested_at is not None
-
-    def report(self, step: int, main: bool) -> None:
-        took = time.monotonic() - (self.requested_at or time.monotonic())
-        if main:
-            log.warning(
-                "stopped at step %d on request (SIGTERM), %.1fs after it came (save_grace_period_s=%g); "
-                "rerun the same command to continue",
-                step,
-                took,
-                self.grace_s,
-            )
-
-    def _overdue(self) -> None:
-        log.error(
-            "asked to stop %gs ago (save_grace_period_s) and not done: exiting without a new checkpoint; "
-            "the previous complete one stands",
-            self.grace_s,
-        )
-        logging.shutdown()
-        os._exit(1)
-
-
-class FaultHooks:
-    """Fault injection for tests, read from FOUNDRY_TEST_* variables; inert in a normal run.
-
-    FOUNDRY_TEST_NAN_STEPS=3,4,9  the loss of these steps becomes NaN (the step must be skipped)
-    FOUNDRY_TEST_HANG=RANK:STEP   that rank stops responding before that step (a hung rank)
-    FOUNDRY_TEST_RECORD_BATCHES=DIR  each rank appends the CRC32 of every row it trains on, per step
-    """
-
-    def __init__(self, nan_steps=(), hang: tuple[int, int] | None = None, record_dir: str | None = None):
-        self.nan_steps = set(nan_steps)
-        self.hang = hang
-        self.record_dir = Path(record_dir) if record_dir else None
-
-    @classmethod
-    def from_env(cls) -> FaultHooks:
-        env = os.environ
-        nan = [int(s) for s in env.get("FOUNDRY_TEST_NAN_STEPS", "").split(",") if s.strip()]
-        hang = (
-            tuple(int(x) for x in env["FOUNDRY_TEST_HANG"].split(":"))
-            if env.get("FOUNDRY_TEST_HANG")
-            else None
-        )
-        return cls(nan, hang, env.get("FOUNDRY_TEST_RECORD_BATCHES"))
-
-    def poisoned(self, step: int) -> bool:
-        return step in self.nan_steps
-
-    def before_step(self, env: fdist.DistEnv, step: int, batches: list[dict[str, torch.Tensor]]) -> None:
-        if self.record_dir is not None:
-            rows = [zlib.crc32(r.numpy().tobytes()) for b in batches for r in b["input_ids"]]
-            with open(self.record_dir / f"rank{env.rank}-of-{env.world_size}.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "rows": rows}) + "\n")
-        if self.hang is not None and self.hang == (env.rank, step):
-            log.warning("rank %d: hanging before step %d (FOUNDRY_TEST_HANG)", env.rank, step)
-            while True:
-                time.sleep(1)
-
-
-def data_fingerprint(plan: RunPlan) -> list[dict]:
-    """What each phase reads: its streams (folders, weights, content hashes) and shuffle settings."""
-    from foundry.data import mds
-
-    phases = []
-    for phase in plan.phases:
-        streams = {}
-        for name, s in phase.data.streams.items():
-            folder = mds.stream_dir(s)
-            streams[name] = {
-                "local": str(folder) if folder is not None else None,
-                "remote": s.remote,
-                "weight": [s.proportion, s.repeat, s.choose],
-                **_content_hashes(folder),
-            }
-        phases.append(
-            {"streams": streams, "shuffle": phase.data.shuffle, "shuffle_seed": phase.data.shuffle_seed}
-        )
-    return phases
-
-
-def _content_hashes(folder: Path | None) -> dict[str, str | None]:
-    """index.json's hash, and the first MiB of the first shard's: index.json alone is the same for any data
-    of the same shape (it lists sizes, not contents); reading every shard would take minutes on large data.
-    None where the file is not on this machine (yet): a remote stream before Streaming fetched it."""
-    hashes: dict[str, str | None] = {"index_sha256": None, "first_shard_sha256": None}
-    index = folder / "index.json" if folder is not None else None
-    if index is None or not index.is_file():
-        return hashes
-    hashes["index_sha256"] = hashlib.sha256(index.read_bytes()).hexdigest()
-    try:
-        shard = json.loads(index.read_text())["shards"][0]
-        basename = (shard.get("raw_data") or shard.get("zip_data"))["basename"]
-        with open(folder / basename, "rb") as f:
-            hashes["first_shard_sha256"] = hashlib.sha256(f.read(1 << 20)).hexdigest()
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        pass
-    return hashes
-
-
-def check_data_unchanged(saved: list[dict] | None, now: list[dict], phase: int, cfg: TrainConfig) -> None:
-    """Refuse to resume phase `phase` on data other than the checkpoint's: a resume never silently changes data."""
-    if saved is None or phase >= len(saved) or phase >= len(now):
-        return  # a checkpoint from before fingerprints, or a plan whose phases changed (the loader checks more)
-    problems, notes = [], []
-    old, new = saved[phase], now[phase]
-    i = phase
-    if set(old["streams"]) != set(new["streams"]):
-        problems.append(f"phase {i}: streams {sorted(old['streams'])} became {sorted(new['streams'])}")
-    else:
-        for key in ("shuffle", "shuffle_seed"):
-            if old[key] != new[key]:
-                problems.append(f"phase {i}: data.{key} {old[key]!r} became {new[key]!r}")
-        for name, o in old["streams"].items():
-            n = new["streams"][name]
-            if o["weight"] != n["weight"]:
-                problems.append(
-                    f"phase {i} stream {name}: proportion/repeat/choose {o['weight']} became {n['weight']}"
-                )
-            if any(o.get(k) and n.get(k) and o[k] != n[k] for k in ("index_sha256", "first_shard_sha256")):
-                problems.append(
-                    f"phase {i} stream {name}: the data in {n['local'] or n['remote']} changed (its index.json or first shard differs)"
-                )
-            elif (o["local"], o["remote"]) != (n["local"], n["remote"]):
-                notes.append(
-                    f"stream {name} moved from {o['local'] or o['remote']} to {n['local'] or n['remote']}"
-                )
-    for note in notes:
-        log.info("%s (same content hash: the same data)", note)
-    if not problems:
-        return
-    message = "the data differs from the checkpoint's: " + "; ".join(problems)
-    if cfg.allow_data_change:
-        log.warning("%s; continuing because allow_data_change is set", message)
-        return
-    raise FoundryError(
-        f"{message}. Resuming would silently train on other data. Restore the original data, or start a new "
-        "run from these weights (load_path=CHECKPOINT, a new save_folder), or set allow_data_change=true."
-    )
 
 
 class _Window:
