@@ -48,11 +48,11 @@ def _phase_rows(cfg: TrainConfig, plan: RunPlan) -> list[PhaseRow]:
     for i, phase in enumerate(plan.phases):
         own_data = bool(cfg.phases) and cfg.phases[i].data is not None
         path = f"phases[{i}].data.streams" if own_data else "data.streams"
-        shares = source_shares(phase.data.streams, path)
+        sizes = {name: tokens_in_source(stream) for name, stream in phase.data.streams.items()}
+        shares = source_shares(phase.data.streams, path, sizes)
         sources = []
-        for name, stream in phase.data.streams.items():
-            size = tokens_in_source(stream)
-            share = shares[name]
+        for name in phase.data.streams:
+            size, share = sizes[name], shares[name]
             effective = None if share is None else int(round(share * phase.tokens))
             epochs = effective / size if effective is not None and size else None
             sources.append(SourceRow(name, size, share, effective, epochs))

@@ -12,17 +12,6 @@ app = typer.Typer(
 )
 
 
-def checkpoint_config(path: Path):
-    """The TrainConfig a checkpoint was written with (not validated: its data may live elsewhere)."""
-    import yaml
-
-    from foundry.config.load import from_dict
-    from foundry.config.schema import TrainConfig
-    from foundry.train.checkpoint import read_config_yaml
-
-    return from_dict(TrainConfig, yaml.safe_load(read_config_yaml(path)) or {})
-
-
 @app.command("to-hf")
 def to_hf(
     run_or_checkpoint: Path = typer.Argument(
@@ -43,7 +32,7 @@ def to_hf(
       foundry convert to-hf runs/tiny-cpu/checkpoints/step-00000100 hf/tiny --dtype bfloat16
     """
     from foundry.convert.hf import export_hf
-    from foundry.train.checkpoint import load_model_weights, resolve_checkpoint
+    from foundry.train.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
 
     path = resolve_checkpoint(run_or_checkpoint)
     cfg = checkpoint_config(path)
@@ -76,7 +65,6 @@ def from_hf(
     from foundry.train.checkpoint import save_weights
 
     state, model_cfg, vocab_size = import_hf(hf_dir)
-    model_cfg.vocab_size = vocab_size
     has_tokenizer = any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     cfg = TrainConfig(
         model=model_cfg,

@@ -19,7 +19,7 @@ def eval_cmd(
     config: Path = typer.Option(
         None, "--config", help="A YAML whose data.eval_streams to use (default: the run's own)."
     ),
-    max_batches: int = typer.Option(-1, help="Evaluate at most this many batches per rank (-1: all)."),
+    max_batches: int = typer.Option(-1, help="Evaluate at most this many batches (-1: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Evaluate a checkpoint: mean cross-entropy and perplexity on the eval streams.

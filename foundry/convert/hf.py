@@ -19,6 +19,7 @@ import torch
 
 from foundry.config.schema import AttnConfig, InitConfig, ModelConfig
 from foundry.errors import ConfigError, FoundryError
+from foundry.models.build import canonical_name
 from foundry.models.mpt import VOCAB_MULTIPLE, MPTForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,8 +32,6 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
-# Prefixes that wrappers add to parameter names (Composer's "model.", torch.compile, activation checkpointing).
-_STRIP = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 # --- export -----------------------------------------------------------------------------------------------
@@ -334,8 +333,7 @@ def _foundry_names(weights: dict[str, torch.Tensor], tied: bool) -> dict[str, to
     """Strip wrapper prefixes; drop a tied lm_head (refuse an untied one: MPT ties its output matrix)."""
     out = {}
     for name, tensor in weights.items():
-        for prefix in _STRIP:
-            name = name.replace(prefix, "")
+        name = canonical_name(name)
         if name.startswith("model.transformer."):  # Composer's HuggingFaceModel wrapper
             name = name[len("model.") :]
         if name.startswith("model.lm_head."):

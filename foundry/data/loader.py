@@ -425,10 +425,6 @@ class PhaseLoader:
     def window_len(self) -> int:
         return self.shape.window_len
 
-    @property
-    def steps_done(self) -> int:
-        return self._steps
-
     def _next_windows(self) -> torch.Tensor:
         fresh = False
         while True:

@@ -67,11 +67,16 @@ def tokens_in_source(stream: StreamConfig) -> int | None:
     return None
 
 
-def source_shares(streams: dict[str, StreamConfig], path: str = "data.streams") -> dict[str, float | None]:
+def source_shares(
+    streams: dict[str, StreamConfig],
+    path: str = "data.streams",
+    sizes: dict[str, int | None] | None = None,
+) -> dict[str, float | None]:
     """Each stream's share of the tokens read, as Streaming will sample them (None where unknowable).
 
     With proportions that is the normalized proportion. Without, Streaming reads `repeat` x the
-    source (default 1) or `choose` windows of each, so shares follow the sources' sizes.
+    source (default 1) or `choose` windows of each, so shares follow the sources' sizes (`sizes`: the
+    caller's tokens_in_source() of each stream, if it has them already).
     """
     props = normalized_proportions(streams, path, warn=False)
     if props is not None:
@@ -82,7 +87,7 @@ def source_shares(streams: dict[str, StreamConfig], path: str = "data.streams") 
             window = mds.local_window_len(s)
             weights[name] = s.choose * window if window else None
             continue
-        tokens = tokens_in_source(s)
+        tokens = sizes[name] if sizes is not None else tokens_in_source(s)
         weights[name] = None if tokens is None else tokens * (s.repeat if s.repeat is not None else 1.0)
     if any(w is None for w in weights.values()):
         return {name: None for name in streams}

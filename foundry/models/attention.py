@@ -170,7 +170,5 @@ def attend(
             kernel_options=plan.kernel_options,
         )
     else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=plan.bias.to(q.dtype), dropout_p=dropout_p, scale=scale
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)

@@ -64,7 +64,7 @@ def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
     total = sum(p.numel() for p in model.parameters())
     if exclude_embedding:
         total -= sum(
-            p.numel() for name, p in model.named_parameters() if _canonical(name).endswith("wte.weight")
+            p.numel() for name, p in model.named_parameters() if canonical_name(name).endswith("wte.weight")
         )
     return total
 
@@ -83,10 +83,10 @@ def init_weights(model: nn.Module, seed: int) -> None:
     init = cfg.init_config
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            name = _canonical(f"{module_name}.{param_name}" if module_name else param_name)
+            name = canonical_name(f"{module_name}.{param_name}" if module_name else param_name)
             if param.device.type == "meta":
                 raise FoundryError(f"{name} is on the meta device: call model.to_empty(device=...) first")
-            fill = _initializer(module, _canonical(module_name), param_name, cfg, init)
+            fill = _initializer(module, canonical_name(module_name), param_name, cfg, init)
             _assign(param, _generate(param, name, seed, fill))
 
 
@@ -126,7 +126,8 @@ def _matrix_init(init: InitConfig) -> Callable[[torch.Tensor, torch.Generator], 
     return lambda t, g: kaiming(t, generator=g)
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """A parameter name without what wrappers (compile, activation checkpointing, FSDP1) add to it."""
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name

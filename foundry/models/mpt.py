@@ -117,6 +117,7 @@ class MPTForCausalLM(nn.Module):
         self.cfg = cfg
         self.vocab_size = padded_vocab_size(vocab_size)
         self.transformer = MPTModel(cfg, self.vocab_size)
+        self._slopes: dict = {}  # ALiBi slopes by device
         self._block_masks: dict = {}  # flex BlockMasks by (seq_len, device), shared by all layers and steps
         # Speed knobs that change no result beyond bf16 rounding (benchmarks/throughput.py measures them):
         # tokens per chunk of the fused linear + cross-entropy on CUDA (None: logits, then cross-entropy),
@@ -144,7 +145,11 @@ class MPTForCausalLM(nn.Module):
                 "raise model.max_seq_len (ALiBi extrapolates to longer sequences)"
             )
         device = input_ids.device
-        slopes = alibi_slopes(self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device)
+        slopes = self._slopes.get(device)
+        if slopes is None:  # a few tiny kernels; once per device, not once per forward
+            slopes = self._slopes[device] = alibi_slopes(
+                self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device
+            )
         plan = plan_attention(
             self.attn_impl(device),
             slopes,

@@ -291,6 +291,16 @@ def read_config_yaml(path: Path) -> str:
     return f.read_text()
 
 
+def checkpoint_config(path: Path):
+    """The TrainConfig a checkpoint was written with (not validated: its data may live elsewhere)."""
+    import yaml
+
+    from foundry.config.load import from_dict
+    from foundry.config.schema import TrainConfig
+
+    return from_dict(TrainConfig, yaml.safe_load(read_config_yaml(path)) or {})
+
+
 # --- remote copies --------------------------------------------------------------------------------------
 
 

@@ -43,9 +43,10 @@ def _content_hashes(folder: Path | None) -> dict[str, str | None]:
     index = folder / "index.json" if folder is not None else None
     if index is None or not index.is_file():
         return hashes
-    hashes["index_sha256"] = hashlib.sha256(index.read_bytes()).hexdigest()
+    raw = index.read_bytes()
+    hashes["index_sha256"] = hashlib.sha256(raw).hexdigest()
     try:
-        shard = json.loads(index.read_text())["shards"][0]
+        shard = json.loads(raw)["shards"][0]
         basename = (shard.get("raw_data") or shard.get("zip_data"))["basename"]
         with open(folder / basename, "rb") as f:
             hashes["first_shard_sha256"] = hashlib.sha256(f.read(1 << 20)).hexdigest()

@@ -72,7 +72,11 @@ class JsonlLogger(Logger):
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A line torn by a crash would glue itself to the next record; end it so only it is lost.
-        torn = self.path.exists() and self.path.stat().st_size > 0 and self.path.read_bytes()[-1:] != b"\n"
+        torn = False
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:  # the last byte only, not the whole file
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         self._file = open(self.path, "a", encoding="utf-8")  # held open for the run
         if torn:
             self._file.write("\n")

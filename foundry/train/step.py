@@ -3,6 +3,7 @@ and benchmarks/throughput.py, so the benchmark times exactly what training runs.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -41,9 +42,8 @@ def train_step(
     n_tokens = max(sum(counts), 1)
     total = torch.zeros((), device=device, dtype=torch.float32)
     for i, batch in enumerate(batches):
-        if hasattr(
-            model, "set_requires_gradient_sync"
-        ):  # FSDP2: reduce-scatter once, after the last micro-batch
+        # FSDP2: reduce-scatter the gradients once, after the last micro-batch.
+        if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(i == len(batches) - 1)
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
@@ -58,8 +58,9 @@ def train_step(
     max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    ok = bool(torch.isfinite(loss_value)) and bool(torch.isfinite(grad_norm))
+    loss, norm = torch.stack([loss_value, grad_norm.float()]).tolist()  # one device sync per step
+    ok = math.isfinite(loss) and math.isfinite(norm)
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(float(loss_value), float(grad_norm), ok)
+    return StepResult(loss, norm, ok)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from foundry.train.fault_hooks import FaultHooks
 from foundry.train.fingerprint import check_data_unchanged, data_fingerprint
 from foundry.train.plan import PhasePlan, RunPlan, make_plan
 from foundry.train.preemption import Preemption
-from foundry.train.step import StepResult, autocast_for, train_step
+from foundry.train.step import StepResult, train_step
 
 log = logging.getLogger("foundry")
 
@@ -47,8 +47,6 @@ class TrainState:
     loader_state: dict | None = None
     bad_steps_in_row: int = 0
     bad_steps_total: int = 0
-    wandb_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +167,14 @@ class Trainer:
             remote=self.remote,
             run_dir=self.run_dir,
         )
+        # What each phase reads, hashed once: stored in every checkpoint, compared on resume.
+        self.fingerprint = data_fingerprint(self.plan)
+        # Interval strings parsed once, not at every step.
+        self.intervals = {
+            key: Duration.parse(getattr(cfg, key))
+            for key in ("log_interval", "eval_interval", "save_interval")
+            if getattr(cfg, key)
+        }
         self.preemption = Preemption(cfg.save_grace_period_s)
         self.hooks = FaultHooks.from_env()
         self._save_owed = False  # a save fell on a NaN/Inf step: write it after the next good one
@@ -176,7 +182,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
-        cfg, env, plan = self.cfg, self.env, self.plan
+        env, plan = self.env, self.plan
         self.preemption.install()
         self._prepare_run_dir()
         resumed_from = self._resume_or_load()
@@ -198,10 +204,10 @@ class Trainer:
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
                 last = self.state.step == plan.total_steps
-                if self._due(cfg.log_interval, phase) or last:
+                if self._due("log_interval", phase) or last:
                     loggers.log(self._train_record(phase, loss, result.grad_norm, window.rate(env)))
                     window.reset()
-                if (cfg.eval_interval and self._due(cfg.eval_interval, phase)) or last:
+                if self._due("eval_interval", phase) or last:
                     eval_loss = self.evaluate(phase)
                     if eval_loss is not None:
                         first_eval = eval_loss if first_eval is None else first_eval
@@ -242,32 +248,26 @@ class Trainer:
         self.scheduler.step()
         return result
 
-    @torch.no_grad()
     def evaluate(self, phase: PhasePlan) -> float | None:
         from foundry.data.loader import build_eval_loader
+        from foundry.eval.perplexity import summed_loss
 
-        streams = phase.data.eval_streams
-        if not streams:
+        if not phase.data.eval_streams:
             return None
-        self.model.eval()
-        loss_sum = torch.zeros((), device=self.env.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.env.device, dtype=torch.float64)
         batches = build_eval_loader(
-            streams,
+            phase.data.eval_streams,
             seq_len=phase.seq_len,
             batch_rows=self.cfg.device_eval_batch_size,
             rank=self.env.rank,
             world_size=self.env.world_size,
         )
-        for i, batch in enumerate(batches):
-            if 0 <= self.cfg.eval_subset_num_batches <= i:
-                break
-            labels = batch["labels"].to(self.env.device)
-            n = (labels != -100).sum()
-            with autocast_for(self.precision, self.env.device):
-                loss = self.model(batch["input_ids"].to(self.env.device), labels=labels)
-            loss_sum += loss.double() * n
-            count += n
+        loss_sum, count = summed_loss(
+            self.model,
+            batches,
+            device=self.env.device,
+            precision=self.precision,
+            max_batches=self.cfg.eval_subset_num_batches,
+        )
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(loss_sum)
             torch.distributed.all_reduce(count)
@@ -284,7 +284,7 @@ class Trainer:
             "train": asdict(self.state),
             "scheduler": self.scheduler.state_dict(),
             "world_size": self.env.world_size,
-            "data_fingerprint": data_fingerprint(self.plan),
+            "data_fingerprint": self.fingerprint,
         }
         t0 = time.perf_counter()
         self.checkpointer.save(
@@ -308,7 +308,7 @@ class Trainer:
             ):
                 check_data_unchanged(
                     trainer_state.get("data_fingerprint"),
-                    data_fingerprint(self.plan),
+                    self.fingerprint,
                     self.state.phase_index,
                     self.cfg,
                 )
@@ -371,14 +371,14 @@ class Trainer:
         self.hooks.before_step(self.env, self._current_step, batches)
         fdist.heartbeat(self.env, self._current_step)  # "this rank has its batch and starts the step"
 
-    def _due(self, interval: str, phase: PhasePlan) -> bool:
-        steps = Duration.parse(interval).to_steps(phase.tokens_per_step)
-        return self.state.step % steps == 0
+    def _due(self, key: str, phase: PhasePlan) -> bool:
+        interval = self.intervals.get(key)
+        return interval is not None and self.state.step % interval.to_steps(phase.tokens_per_step) == 0
 
     def _save_now(self, phase: PhasePlan, step_ok: bool, must: bool) -> bool:
         """Save at the interval, but never right after a NaN/Inf step: that save waits for a good step,
         so the newest checkpoint is a good one (unless the run ends or is preempted right now)."""
-        due = self._due(self.cfg.save_interval, phase) or self._save_owed
+        due = self._due("save_interval", phase) or self._save_owed
         if due and not step_ok and not must:
             self._save_owed = True
             return False
