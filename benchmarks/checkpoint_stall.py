@@ -1,7 +1,7 @@
 """How long training stalls for a checkpoint: synchronous save vs ``save_async``.
 
-Uses what the trainer uses: build_model on the meta device -> parallelize (FSDP2 under torchrun) ->
-init -> optimizer -> train_step on random tokens, and the trainer's own Checkpointer (DCP shards,
+Uses what the trainer uses: build_parallel_model (FSDP2 under torchrun) -> optimizer -> train_step on
+random tokens, and the trainer's own Checkpointer (DCP shards,
 checksums, fsync, rename, marker), with the per-step agreement that completes async checkpoints.
 
     python benchmarks/checkpoint_stall.py                                   # CPU, a ~40M-parameter model
@@ -32,11 +32,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing (the GPU
 
 from foundry.config.load import from_dict  # noqa: E402
 from foundry.config.schema import FSDPConfig, ModelConfig, OptimizerConfig  # noqa: E402
-from foundry.models.build import build_model, init_weights, num_params  # noqa: E402
 from foundry.train import checkpoint as ckpt  # noqa: E402
 from foundry.train import dist as fdist  # noqa: E402
 from foundry.train.optim import build_optimizer  # noqa: E402
-from foundry.train.parallel import parallelize  # noqa: E402
+from foundry.train.parallel import build_parallel_model  # noqa: E402
 from foundry.train.step import train_step  # noqa: E402
 from foundry.train.trainer import ModelState, OptimizerState, _rng_state  # noqa: E402
 
@@ -81,11 +80,7 @@ def main() -> None:
     env = fdist.setup("auto")
     precision = "amp_bf16" if env.device.type == "cuda" else "fp32"
     mcfg = model_config(args)
-    model = build_model(mcfg, vocab_size=mcfg.vocab_size, device="meta")
-    n_params = num_params(model)
-    model = parallelize(model, env, FSDPConfig(), precision, compile=False)
-    model.to_empty(device=env.device)
-    init_weights(model, 0)
+    model, n_params = build_parallel_model(mcfg, mcfg.vocab_size, env, FSDPConfig(), precision, False, 0)
     optimizer = build_optimizer(model, OptimizerConfig(name="decoupled_lionw", lr=1e-4))
     app_state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
     gen = torch.Generator().manual_seed(env.rank)

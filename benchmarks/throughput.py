@@ -1,7 +1,7 @@
 """Training throughput of foundry's real step: tokens/s per GPU, MFU, HFU and peak memory.
 
-Times exactly what the trainer runs: build_model on the meta device -> parallelize (AC, compile, FSDP2)
--> to_empty -> init_weights -> build_optimizer -> train_step, on random tokens. Runs on a CPU with the
+Times exactly what the trainer runs: build_parallel_model (meta device -> AC, compile, FSDP2 -> to_empty
+-> init_weights) -> build_optimizer -> train_step, on random tokens. Runs on a CPU with the
 tiny preset too (no MFU there: a CPU has no entry in the peak table).
 
     python benchmarks/throughput.py --model mpt-1b --seq-len 2048 --micro-batch 8 --steps 10
@@ -35,11 +35,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing (the GPU
 
 from foundry.config.load import from_dict  # noqa: E402
 from foundry.config.schema import FSDPConfig, ModelConfig, OptimizerConfig  # noqa: E402
-from foundry.models.build import build_model, init_weights, num_params  # noqa: E402
 from foundry.train import dist as fdist  # noqa: E402
 from foundry.train import flops  # noqa: E402
 from foundry.train.optim import build_optimizer  # noqa: E402
-from foundry.train.parallel import parallelize  # noqa: E402
+from foundry.train.parallel import build_parallel_model  # noqa: E402
 from foundry.train.step import train_step  # noqa: E402
 
 DEFAULT_VOCAB = (
@@ -277,15 +276,12 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
     if env.distributed and not args.fsdp:
         raise SystemExit("launched with WORLD_SIZE > 1: pass --fsdp (each rank shards the model)")
 
-    model = build_model(cfg, vocab_size=vocab, device="meta")
+    model, n_params = build_parallel_model(cfg, vocab, env, fsdp_cfg, args.precision, args.compile, args.seed)
+    # Plain attributes of the root module, read at each forward (not by the compiled blocks).
     if args.fused_ce is not None:
         model.loss_chunk_size = args.ce_chunk if args.fused_ce else None
     if args.flex_options:
         model.flex_kernel_options = json.loads(args.flex_options)
-    model = parallelize(model, env, fsdp_cfg, args.precision, args.compile)
-    model.to_empty(device=device)
-    init_weights(model, args.seed)
-    n_params = num_params(model)
     optimizer = build_optimizer(model, OptimizerConfig(name=args.optimizer, lr=args.lr, weight_decay=0.0))
     if args.lion_fused != "auto":
         for group in optimizer.param_groups:
@@ -317,7 +313,6 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
     )
     if args.profile:
         out["profile"] = profile_steps(step, args.profile, device)
-    live.clear()
     live.clear()
     reset_memory(device)
     return out

@@ -130,3 +130,24 @@ def parallelize(model: nn.Module, env: DistEnv, fsdp: FSDPConfig, precision: str
     if dist.is_initialized():
         apply_fsdp(model, env, fsdp, precision)
     return model
+
+
+def build_parallel_model(
+    model_cfg,
+    vocab_size: int | None,
+    env: DistEnv,
+    fsdp: FSDPConfig,
+    precision: str,
+    compile: bool,
+    seed: int,
+) -> tuple[nn.Module, int]:
+    """The one way a model is made for training (trainer and benchmarks alike): built on the meta device,
+    parallelized, materialized on the device, initialized. Returns (model, parameter count)."""
+    from foundry.models.build import build_model, init_weights, num_params
+
+    model = build_model(model_cfg, vocab_size=vocab_size, device="meta")
+    n_params = num_params(model)
+    model = parallelize(model, env, fsdp, precision, compile)
+    model.to_empty(device=env.device)
+    init_weights(model, seed)
+    return model, n_params

@@ -130,10 +130,9 @@ def _set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from foundry.models.build import build_model, init_weights, num_params
         from foundry.train.flops import flops_per_token, peak_flops
         from foundry.train.optim import build_optimizer
-        from foundry.train.parallel import parallelize
+        from foundry.train.parallel import build_parallel_model
         from foundry.train.schedulers import build_scheduler
 
         self.cfg = cfg
@@ -145,11 +144,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.vocab_size = resolve_vocab_size(cfg)
-        model = build_model(cfg.model, vocab_size=self.vocab_size, device="meta")
-        self.n_params = num_params(model)
-        self.model = parallelize(model, self.env, cfg.fsdp_config, self.precision, cfg.compile)
-        self.model.to_empty(device=self.env.device)
-        init_weights(self.model, cfg.seed)
+        self.model, self.n_params = build_parallel_model(
+            cfg.model, self.vocab_size, self.env, cfg.fsdp_config, self.precision, cfg.compile, cfg.seed
+        )
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.scheduler, self.plan.total_steps, self.plan.phases[0].tokens_per_step
