@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -20,6 +17,7 @@ from pathlib import Path
 
 from foundry.data_prep.sources import InputFile, discover_files, iter_file_chunks
 from foundry.data_prep.tokenization import parse_chunk
+from foundry.data_prep.writer import AtomicOutput
 from foundry.errors import ConfigError, DataError
 
 log = logging.getLogger("foundry.data_prep")
@@ -69,8 +67,9 @@ def train_tokenizer(inputs: Sequence[str], opts: TokenizerTrainOptions) -> Token
             f"--vocab-size must be at least 258 (256 bytes + 2 special tokens), got {opts.vocab_size}"
         )
     out = Path(opts.out).expanduser().absolute()
-    if (out / "tokenizer.json").exists() and not opts.overwrite:
-        raise DataError(f"{out} already holds a tokenizer; pass --overwrite to replace it")
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:  # before training, not after it
+        what = "a tokenizer" if (out / "tokenizer.json").exists() else "files"
+        raise DataError(f"{out} already holds {what}; pass --overwrite to replace it")
     files, skipped = discover_files(inputs, "text", opts.globs, opts.exclude, opts.max_files)
 
     tokenizer = Tokenizer(models.BPE())
@@ -120,7 +119,7 @@ def train_tokenizer(inputs: Sequence[str], opts: TokenizerTrainOptions) -> Token
     if documents == 0:
         raise DataError(f"no readable documents in {len(files)} files (skipped: {dict(skipped)})")
 
-    _save(tokenizer, out, opts.overwrite)
+    _save(tokenizer, out)
     result = TokenizerTrainResult(
         out=out,
         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
@@ -138,15 +137,16 @@ def train_tokenizer(inputs: Sequence[str], opts: TokenizerTrainOptions) -> Token
     return result
 
 
-def _save(tokenizer, out: Path, overwrite: bool) -> None:
-    """Save as a transformers tokenizer folder, written to a temporary sibling and renamed into place."""
+def _save(tokenizer, out: Path) -> None:
+    """Save as a transformers tokenizer folder, built beside `out` and renamed into place (AtomicOutput)."""
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    output = AtomicOutput(out)
+    output.clean_stale()
+    tmp = output.begin()
     try:
         hf.save_pretrained(str(tmp))
         # The training recipe, for whoever finds this folder later.
@@ -154,13 +154,10 @@ def _save(tokenizer, out: Path, overwrite: bool) -> None:
             json.dumps({"type": "byte-level BPE", "vocab_size": len(hf), "eos": EOS, "pad": PAD}, indent=2)
             + "\n"
         )
-        if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise DataError(f"{out} exists and is not empty; pass --overwrite to replace it")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        output.commit()
+    except BaseException:
+        output.abort()
+        raise
 
 
 def format_tokenizer_summary(result: TokenizerTrainResult) -> str:

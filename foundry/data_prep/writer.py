@@ -23,6 +23,7 @@ import numpy as np
 
 from foundry.data_prep.mds import MDSTokenWriter
 from foundry.errors import DataError
+from foundry.fsutil import fsync_dir, fsync_tree
 
 log = logging.getLogger("foundry.data_prep")
 
@@ -174,6 +175,9 @@ class AtomicOutput:
     def commit(self) -> None:
         assert self.tmp is not None
         (self.tmp / _OWNER).unlink()
+        fsync_tree(
+            self.tmp
+        )  # a folder that appears under DIR's name is whole on disk, even after a power cut
         old = None
         if self.out.exists():
             old = self.out.with_name(f"{self.out.name}.old-{secrets.token_hex(4)}")
@@ -184,6 +188,7 @@ class AtomicOutput:
             if old is not None:
                 os.replace(old, self.out)
             raise DataError(f"cannot move {self.tmp} to {self.out}: {e}") from e
+        fsync_dir(self.out.parent)
         self.tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -33,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from foundry.errors import CheckpointError, FoundryError
+from foundry.fsutil import fsync_dir, fsync_tree
 from foundry.train import dist as fdist
 
 log = logging.getLogger("foundry")
@@ -66,22 +67,6 @@ def step_of(path: Path) -> int:
 
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def crc32_of(path: Path) -> int:
@@ -192,14 +177,14 @@ def finalize(
     tmp: Path, final: Path, step: int, digests: dict[str, list[int]] | None = None, world_size: int = 1
 ) -> None:
     """fsync, rename, then mark complete: a folder with a marker was fully on disk before the marker."""
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     digests = dict(digests or {})
     unknown = [n for n in _all_files(tmp) if n not in digests]
     digests.update(digest_files(tmp, unknown))
     if final.exists():  # a previous attempt at this step that was renamed but never marked complete
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     marker = {
         "step": step,
         "time": time.time(),
@@ -211,7 +196,7 @@ def finalize(
         json.dump(marker, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(final)
+    fsync_dir(final)
 
 
 def prune(root: Path, keep: int, done_step: int | None = None) -> None:
@@ -344,7 +329,7 @@ def download(remote, step: int, root: Path, tag: str) -> Path:
     for name in json.loads(marker_text)["files"]:
         remote.get(_remote_rel(step, name), tmp / name)
     (tmp / MARKER).write_text(marker_text)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():
         if is_complete(final)[0]:  # another node of a shared file system was faster
             shutil.rmtree(tmp, ignore_errors=True)
