@@ -176,15 +176,24 @@ class _Router:
         names = ["baseline", "long"] if opts.long_min_tokens else ["train"]
         if opts.val_fraction > 0:
             names.append("val")
+        self.main = names[0]  # train, or baseline with a long split
         self.writers = {n: SplitWriter(root / n, n, opts.seq_len, compression) for n in names}
         self.long_min = opts.long_min_tokens
-        self.histogram: Counter = Counter()
-        self.documents = 0
-        self.doc_tokens = 0
+
+    @property
+    def every_document(self) -> list[SplitWriter]:
+        """The splits that together hold each kept document once (`long` repeats part of `baseline`)."""
+        return [w for n, w in self.writers.items() if n != "long"]
+
+    @property
+    def documents(self) -> int:
+        return sum(w.documents for w in self.every_document)
+
+    @property
+    def doc_tokens(self) -> int:
+        return sum(w.doc_tokens for w in self.every_document)
 
     def add(self, enc: Encoded) -> None:
-        self.documents += len(enc.lengths)
-        self.doc_tokens += len(enc.tokens)
         main = ~enc.is_val
         if self.long_min:
             self.writers["baseline"].add(*_select(enc, main))
@@ -363,7 +372,7 @@ def prepare(source: FileSource | HFSource, opts: PrepareOptions) -> PrepareResul
 
 def _finish(router, output, spec, plan, skipped, args, args_fp, opts, start) -> PrepareResult:
     warnings: list[str] = []
-    main_split = "baseline" if opts.long_min_tokens else "train"
+    main_split = router.main
     main = router.writers[main_split]
     if main.windows == 0:
         raise DataError(
@@ -391,10 +400,7 @@ def _finish(router, output, spec, plan, skipped, args, args_fp, opts, start) -> 
                 f"split {name!r} is empty: its {writer.documents} documents ({writer.doc_tokens} tokens) "
                 f"fill no window of {opts.seq_len}"
             )
-    for name, writer in router.writers.items():
-        if name != "long":  # long documents are also in baseline
-            router.histogram.update(writer.histogram)
-    wall = time.perf_counter() - start
+    histogram = sum((w.histogram for w in router.every_document), Counter())
     summary = {
         "format": FORMAT,
         "splits": splits,
@@ -405,7 +411,7 @@ def _finish(router, output, spec, plan, skipped, args, args_fp, opts, start) -> 
         "tokenizer": spec.manifest(),
         "source": plan.description,
         "skipped": skipped_all,
-        "tokens_per_document_histogram": histogram_labels(router.histogram),
+        "tokens_per_document_histogram": histogram_labels(histogram),
         "args": args,
         "args_fingerprint": args_fp,
         "wall_time_s": round(wall, 3),
