@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -401,7 +402,11 @@ def _init_sharded(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save(full, out)
     finally:
+        dist.barrier()  # leave together: a gloo peer gone mid-teardown aborts the other rank
         dist.destroy_process_group()
+    # The result is saved; skip interpreter teardown, where gloo's threads now and then abort the process
+    # ("terminate called without an active exception", seen about once in 20 runs) after the work is done.
+    os._exit(0)
 
 
 def test_fsdp2_sharded_init_equals_single_process_init(tmp_path):

@@ -193,7 +193,11 @@ def _sharded_worker(rank: int, world_size: int, port: int, results):
             if rank == 0:
                 results[cls.__name__] = full
     finally:
+        dist.barrier()  # leave together: a gloo peer gone mid-teardown aborts the other rank
         dist.destroy_process_group()
+    # The result is saved; skip interpreter teardown, where gloo's threads now and then abort the process
+    # ("terminate called without an active exception", seen about once in 20 runs) after the work is done.
+    os._exit(0)
 
 
 def test_optimizers_on_dtensor_shards_match_unsharded():

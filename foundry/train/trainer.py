@@ -519,6 +519,8 @@ class _Window:
 def train(cfg: TrainConfig) -> TrainResult:
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        fdist.barrier()  # leave together: a gloo peer gone mid-teardown aborts the other rank
+        return result
     finally:
         fdist.teardown()
