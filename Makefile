@@ -34,6 +34,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check foundry tests benchmarks
 	$(VENV)/bin/ruff format --check foundry tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix foundry tests benchmarks

@@ -30,21 +30,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing (the GPU machine)
     sys.path.insert(0, str(ROOT))
 
+from foundry import checkpoint as ckpt  # noqa: E402
+from foundry.checkpoint.state import app_state as make_app_state  # noqa: E402
+from foundry.checkpoint.state import capture_rng  # noqa: E402
+from foundry.checkpoint.storage import LocalStore  # noqa: E402
+from foundry.checkpoint.writer import Checkpointer  # noqa: E402
 from foundry.config.load import from_dict  # noqa: E402
-from foundry.config.schema import FSDPConfig, ModelConfig, OptimizerConfig  # noqa: E402
-from foundry.train import checkpoint as ckpt  # noqa: E402
-from foundry.train import dist as fdist  # noqa: E402
+from foundry.config.model import ModelConfig, MPTConfig  # noqa: E402
+from foundry.config.schema import FSDPConfig, OptimizerConfig  # noqa: E402
+from foundry.runtime import dist as fdist  # noqa: E402
 from foundry.train.optim import build_optimizer  # noqa: E402
 from foundry.train.parallel import build_parallel_model  # noqa: E402
 from foundry.train.step import train_step  # noqa: E402
-from foundry.train.trainer import ModelState, OptimizerState, _rng_state  # noqa: E402
 
 
 def model_config(args) -> ModelConfig:
     import yaml
 
     if args.model == "cpu-40m":
-        cfg = ModelConfig(d_model=512, n_heads=8, n_layers=8, max_seq_len=args.seq_len, vocab_size=32000)
+        cfg = MPTConfig(d_model=512, n_heads=8, n_layers=8, max_seq_len=args.seq_len, vocab_size=32000)
         cfg.attn_config.attn_impl = "torch"
         return cfg
     path = (
@@ -82,7 +86,7 @@ def main() -> None:
     mcfg = model_config(args)
     model, n_params = build_parallel_model(mcfg, mcfg.vocab_size, env, FSDPConfig(), precision, False, 0)
     optimizer = build_optimizer(model, OptimizerConfig(name="decoupled_lionw", lr=1e-4))
-    app_state = {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
+    app_state = make_app_state(model, optimizer)
     gen = torch.Generator().manual_seed(env.rank)
     vocab = mcfg.vocab_size
 
@@ -113,7 +117,7 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         root = folder / mode / "checkpoints"
-        saver = ckpt.Checkpointer(root, env, keep=2, use_async=mode == "async")
+        saver = Checkpointer(LocalStore(root), env, keep=2, use_async=mode == "async")
 
         def agree_then_finish(saver=saver) -> None:  # what Trainer._agree_between_steps does each step
             (writing,) = fdist.any_rank([saver.pending and not saver.ready()], env.device)
@@ -132,7 +136,7 @@ def main() -> None:
             def step_and_save(n=n, saver=saver, agree=agree_then_finish) -> None:
                 step()
                 agree()
-                saver.save(n, app_state, {"train": {"step": n}}, _rng_state(), "benchmark: true\n")
+                saver.save(n, app_state, {"train": {"step": n}}, capture_rng(), "benchmark: true\n")
 
             save_extra.append(timed(step_and_save) - base)
             after_extra.append(sum(timed(step_and_agree) for _ in range(args.between)) - args.between * base)

@@ -35,7 +35,7 @@ def measure(
     folder: Path, window_len: int, windows: int, num_workers: int, rows_per_step: int
 ) -> tuple[float, int]:
     from foundry.config.schema import DataConfig, StreamConfig
-    from foundry.data.loader import build_phase_loader
+    from foundry.data.phase_loader import build_phase_loader
 
     data = DataConfig(streams={"synthetic": StreamConfig(local=str(folder))}, num_workers=num_workers)
     loader = build_phase_loader(

@@ -34,8 +34,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing (the GPU
     sys.path.insert(0, str(ROOT))
 
 from foundry.config.load import from_dict  # noqa: E402
-from foundry.config.schema import FSDPConfig, ModelConfig, OptimizerConfig  # noqa: E402
-from foundry.train import dist as fdist  # noqa: E402
+from foundry.config.model import ModelConfig  # noqa: E402
+from foundry.config.schema import FSDPConfig, OptimizerConfig  # noqa: E402
+from foundry.runtime import dist as fdist  # noqa: E402
 from foundry.train import flops  # noqa: E402
 from foundry.train.optim import build_optimizer  # noqa: E402
 from foundry.train.parallel import build_parallel_model  # noqa: E402

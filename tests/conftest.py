@@ -15,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fault injection (tests/fault_injection.py) rides along in every run the tests start, inert unless a
+# FOUNDRY_TEST_* variable asks for a fault: production code has no test hooks.
+os.environ["FOUNDRY_CALLBACKS"] = f"{ROOT / 'tests' / 'fault_injection.py'}:FaultInjection"
 
 
 def run_cli(

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import DIST_STEPS, logged_losses, write_token_dataset
 
+from foundry import checkpoint as ckpt
 from foundry.config.load import load_config
 from foundry.errors import FoundryError
-from foundry.train import checkpoint as ckpt
 from foundry.train.trainer import train
 
 

@@ -41,8 +41,8 @@ def test_verb_help_has_examples(cli, args):
 def test_train_convert_roundtrip(cli, tiny_run, tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
     from foundry.models.build import build_model
-    from foundry.train.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

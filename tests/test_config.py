@@ -8,8 +8,8 @@ import pytest
 
 from foundry.config.duration import Duration
 from foundry.config.load import load_config
+from foundry.config.plan import make_plan
 from foundry.errors import ConfigError
-from foundry.train.plan import make_plan
 
 YAML = """\
 defaults:

@@ -7,17 +7,18 @@ import json
 import pytest
 import torch
 
-from foundry.config.schema import AttnConfig, ModelConfig
+from foundry.config.model import AttnConfig, MPTConfig
 from foundry.convert import hf as convert
-from foundry.convert.hf import export_hf, hf_incompatibilities, import_hf
+from foundry.convert.hf import export_hf, import_hf
 from foundry.errors import FoundryError
 from foundry.models import build_model
+from foundry.models.mpt.hf import incompatibilities as hf_incompatibilities
 
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_cfg(**attn) -> ModelConfig:
-    return ModelConfig(
+def tiny_cfg(**attn) -> MPTConfig:
+    return MPTConfig(
         d_model=48, n_heads=3, n_layers=2, max_seq_len=64, attn_config=AttnConfig(attn_impl="torch", **attn)
     )
 
@@ -108,7 +109,7 @@ def test_bfloat16_export_and_sharded_safetensors(tmp_path, monkeypatch):
     ],
 )
 def test_export_refuses_what_hf_mpt_cannot_express(tmp_path, kw, match):
-    cfg = ModelConfig(d_model=48, n_heads=3, n_layers=1, max_seq_len=16, **kw)
+    cfg = MPTConfig(d_model=48, n_heads=3, n_layers=1, max_seq_len=16, **kw)
     assert any(match in p for p in hf_incompatibilities(cfg))
     model = build_model(cfg, vocab_size=10, seed=0)
     with pytest.raises(FoundryError, match=match):
@@ -172,7 +173,7 @@ def write_released_layout(path, state_dict, config, shards=3):
 
 
 def released_model():
-    cfg = ModelConfig(d_model=64, n_heads=4, n_layers=3, max_seq_len=48, vocab_size=256)
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=3, max_seq_len=48, vocab_size=256)
     return cfg, build_model(cfg, seed=9).eval()
 
 

@@ -15,7 +15,7 @@ from conftest import (
 )
 
 from foundry.config.load import load_config
-from foundry.train.plan import make_plan
+from foundry.config.plan import make_plan
 
 CURRICULUM = """\
 defaults:

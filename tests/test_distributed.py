@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import DIST_STEPS, LaunchedRun, logged_losses, read_metrics, recorded_rows
 
-from foundry.train import checkpoint as ckpt
+from foundry import checkpoint as ckpt
 
 # fp32 on the CPU: 1, 2 and 4 ranks differ only in reduction order (observed <= 1e-6 over 24 steps); a step
 # on other data, or a lost optimizer state, moves the loss by 1e-2 or more.
@@ -141,10 +141,11 @@ def test_mesh_shapes_mixed_precision_and_activation_checkpointing_choices():
     """The pure decisions behind fsdp_config (the 2-process runs above check that they train correctly)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-    from foundry.config.schema import FSDPConfig, ModelConfig
+    from foundry.config.model import MPTConfig
+    from foundry.config.schema import FSDPConfig
     from foundry.errors import ConfigError
     from foundry.models.build import build_model
-    from foundry.train.dist import DistEnv
+    from foundry.runtime.dist import DistEnv
     from foundry.train.parallel import apply_activation_checkpointing, mesh_shape, mixed_precision_policy
 
     env = DistEnv(0, 8, 0, torch.device("cpu"), local_world_size=4)  # 2 nodes of 4
@@ -165,9 +166,7 @@ def test_mesh_shapes_mixed_precision_and_activation_checkpointing_choices():
     assert dtypes("PURE", "fp32") == (None, None)  # a CPU run: fp32 throughout
 
     for mode, every, wrapped in (("none", 1, []), ("full", 1, [0, 1, 2, 3]), ("selective", 2, [0, 2])):
-        model = build_model(
-            ModelConfig(d_model=64, n_heads=4, n_layers=4, vocab_size=128), None, device="meta"
-        )
+        model = build_model(MPTConfig(d_model=64, n_heads=4, n_layers=4, vocab_size=128), None, device="meta")
         apply_activation_checkpointing(
             model, FSDPConfig(activation_checkpointing=mode, activation_checkpointing_every=every)
         )

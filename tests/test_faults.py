@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DIST_STEPS, LaunchedRun, logged_losses, read_metrics
+from fault_injection import SLOW_SAVE_ENV
 
+from foundry import checkpoint as ckpt
 from foundry.config.load import load_config
 from foundry.errors import FoundryError
-from foundry.train import checkpoint as ckpt
 from foundry.train.trainer import train
 
 
@@ -53,7 +54,7 @@ def test_sigkill_one_rank_all_ranks_mid_save_and_damage_then_resume_equals_unint
 
     # 2. Every process is killed while a checkpoint is being written: its shards are on disk, but the
     # ranks sleep before it may be marked complete; async saving lets training run on meanwhile.
-    second = LaunchedRun(dist_config, run, async_save, nproc=2, env={ckpt.SLOW_SAVE_ENV: "60"})
+    second = LaunchedRun(dist_config, run, async_save, nproc=2, env={SLOW_SAVE_ENV: "60"})
     second.wait_for(lambda: "resumed from" in second.output, "the resume")
 
     def writing() -> list[Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from foundry.config.schema import AttnConfig, ModelConfig
+from foundry.config.model import AttnConfig, MPTConfig
 from foundry.train.flops import (
     flops_per_token,
     hfu,
@@ -15,7 +15,7 @@ from foundry.train.flops import (
     recompute_flops_per_token,
 )
 
-MPT_7B = ModelConfig(
+MPT_7B = MPTConfig(
     d_model=4096, n_heads=32, n_layers=32, expansion_ratio=4, max_seq_len=2048, vocab_size=50432
 )
 MPT_7B_PARAMS = 6_649_286_656  # 32 * (12 * 4096^2 + 2 * 4096) + 50432 * 4096 + 4096
@@ -26,7 +26,7 @@ def test_mpt_7b_param_count():
 
 
 def test_param_count_with_biases_and_qk_ln():
-    cfg = ModelConfig(
+    cfg = MPTConfig(
         d_model=8, n_heads=2, n_layers=3, expansion_ratio=2, no_bias=False, attn_config=AttnConfig(qk_ln=True)
     )
     # per block: Wqkv 8*24+24, out 8*8+8, up 8*16+16, down 16*8+8, 2 norms 2*16, q/k norms 2*16

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from foundry.config.schema import DataConfig, StreamConfig
-from foundry.data.loader import build_eval_loader, build_phase_loader
+from foundry.data.eval_loader import build_eval_loader
+from foundry.data.phase_loader import build_phase_loader
 from foundry.errors import ConfigError, DataError
 
 W = 64  # window length of the test data
@@ -385,7 +386,7 @@ def test_stale_shared_memory_of_a_killed_process_does_not_block_the_next_run(tmp
         f"""
         import os, signal
         from foundry.config.schema import DataConfig, StreamConfig
-        from foundry.data.loader import build_phase_loader
+        from foundry.data.phase_loader import build_phase_loader
         data = DataConfig(streams={{"a": StreamConfig(remote={str(src)!r}, local={str(cache)!r})}}, num_workers=0)
         ld = build_phase_loader(data, seq_len=32, global_batch_rows=8, micro_batch_rows=2, rank=0, world_size=1, seed=3)
         ld.next_step()

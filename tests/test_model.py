@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from foundry.config.schema import AttnConfig, InitConfig, ModelConfig
+from foundry.config.model import AttnConfig, InitConfig, MPTConfig
 from foundry.errors import ConfigError, FoundryError
 from foundry.models import build_model, init_weights, num_params, padded_vocab_size
 from foundry.models.attention import alibi_slopes, resolve_attn_impl
@@ -21,12 +21,12 @@ from foundry.models.norm import LPLayerNorm
 PRESETS = Path(__file__).resolve().parents[1] / "yamls" / "model"
 
 
-def small_cfg(**kw) -> ModelConfig:
+def small_cfg(**kw) -> MPTConfig:
     attn = kw.pop("attn", {})
     init = kw.pop("init", {})
     base = dict(d_model=48, n_heads=3, n_layers=2, max_seq_len=64)
     base.update(kw)
-    return ModelConfig(
+    return MPTConfig(
         **base, attn_config=AttnConfig(**{"attn_impl": "torch", **attn}), init_config=InitConfig(**init)
     )
 
@@ -337,9 +337,9 @@ def test_num_params_formula():
 # --- presets ----------------------------------------------------------------------------------------------
 
 
-def load_preset(name: str) -> ModelConfig:
+def load_preset(name: str) -> MPTConfig:
     raw = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
-    cfg = ModelConfig(
+    cfg = MPTConfig(
         **{k: v for k, v in raw.items() if k not in ("attn_config", "init_config")},
         attn_config=AttnConfig(**raw.get("attn_config", {})),
         init_config=InitConfig(**raw.get("init_config", {})),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from foundry.config.schema import AttnConfig, ModelConfig
+from foundry.config.model import AttnConfig, MPTConfig
 from foundry.models import build_model
 from foundry.models.attention import alibi_slopes
 
@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def configs(d_model, n_heads, n_layers=2, max_seq_len=64, clip_qkv=None, softmax_scale=None, vocab=100):
-    ours = ModelConfig(
+    ours = MPTConfig(
         d_model=d_model,
         n_heads=n_heads,
         n_layers=n_layers,

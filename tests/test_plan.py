@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from foundry.cli.plan_report import plan_json, render_plan
 from foundry.config.schema import DataConfig, PhaseConfig, StreamConfig, TrainConfig
-from foundry.plan_report import plan_json, render_plan
 
 
 def _manifest_only(folder: Path, tokens: int) -> str:

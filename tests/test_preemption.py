@@ -9,8 +9,9 @@ import random
 import time
 
 from conftest import DIST_STEPS, LaunchedRun, logged_losses
+from fault_injection import SLOW_SAVE_ENV
 
-from foundry.train import checkpoint as ckpt
+from foundry import checkpoint as ckpt
 
 # The reference ran inside pytest (2 threads), these runs with OMP_NUM_THREADS=1: CPU kernels may round
 # differently; a repeated or lost step would move the loss by 1e-2 or more.
@@ -42,7 +43,7 @@ def test_sigterm_single_process_saves_exits_0_and_rerun_continues(dist_config, d
 def test_save_over_the_grace_period_exits_nonzero_at_the_deadline(dist_config, tmp_path):
     run = tmp_path / "run"
     launched = LaunchedRun(
-        dist_config, run, "save_grace_period_s=3", env={ckpt.SLOW_SAVE_ENV: "60"}
+        dist_config, run, "save_grace_period_s=3", env={SLOW_SAVE_ENV: "60"}
     )  # each save now takes a minute
     launched.wait_step(2)
     sent = time.time()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from foundry.cli.plan_report import plan_json
 from foundry.config.load import load_config
-from foundry.plan_report import plan_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = Path(__file__).resolve().parents[2] / "shared" / "recipes"

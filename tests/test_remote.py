@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import DIST_STEPS, last_logged_step, logged_losses
 
+from foundry import checkpoint as ckpt
+from foundry.checkpoint import storage as fremote
 from foundry.config.load import load_config
-from foundry.train import checkpoint as ckpt
-from foundry.train import remote as fremote
 from foundry.train.trainer import train
 
 pytest.importorskip("moto")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from conftest import finish_run, kill_run_after, logged_losses
 
-from foundry.train import checkpoint as ckpt
+from foundry import checkpoint as ckpt
 
 
 def test_sigkill_twice_then_resume_matches_uninterrupted(tiny_run, tmp_path: Path):

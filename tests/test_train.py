@@ -6,8 +6,8 @@ from pathlib import Path
 
 from conftest import read_metrics
 
+from foundry import checkpoint as ckpt
 from foundry.config.load import load_config
-from foundry.train import checkpoint as ckpt
 from foundry.train.trainer import train
 
 

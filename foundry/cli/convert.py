@@ -31,8 +31,8 @@ def to_hf(
 
       foundry convert to-hf runs/tiny-cpu/checkpoints/step-00000100 hf/tiny --dtype bfloat16
     """
+    from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
     from foundry.convert.hf import export_hf
-    from foundry.train.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
 
     path = resolve_checkpoint(run_or_checkpoint)
     cfg = checkpoint_config(path)
@@ -59,10 +59,10 @@ def from_hf(
 
       foundry pretrain yamls/pretrain/mpt-7b.yaml load_path=weights/mpt-7b
     """
+    from foundry.checkpoint import save_weights
     from foundry.config.load import to_yaml
     from foundry.config.schema import TokenizerConfig, TrainConfig
     from foundry.convert.hf import import_hf
-    from foundry.train.checkpoint import save_weights
 
     state, model_cfg, vocab_size = import_hf(hf_dir)
     has_tokenizer = any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))

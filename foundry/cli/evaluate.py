@@ -38,5 +38,5 @@ def eval_cmd(
     else:
         typer.echo(
             f"{result['checkpoint']}: eval loss {result['eval_loss']:.4f}, perplexity {math.exp(result['eval_loss']):.2f} "
-            f"over {result['tokens']:,} tokens"
+            f"over {result['eval_tokens']:,} tokens"
         )

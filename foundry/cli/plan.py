@@ -24,8 +24,8 @@ def plan(config: Path = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG, json: 
     """
     import json as json_module
 
+    from foundry.cli.plan_report import plan_json, print_plan
     from foundry.config.load import load_config
-    from foundry.plan_report import plan_json, print_plan
 
     cfg = load_config(config, list(overrides or []))
     if json:

@@ -77,7 +77,7 @@ def _run(verb: str, config: Path, overrides: list[str], nproc: int | None, requi
 
         raise ConfigError("finetune starts from weights: set load_path=RUN_OR_CHECKPOINT", "load_path")
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("FOUNDRY_PLAN_SHOWN"):
-        from foundry.plan_report import print_plan
+        from foundry.cli.plan_report import print_plan
 
         print_plan(cfg)  # the plan before any compute is spent; once, even when relaunched under torchrun
         os.environ["FOUNDRY_PLAN_SHOWN"] = "1"

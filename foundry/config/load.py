@@ -57,12 +57,18 @@ def schema_paths(cls: type = TrainConfig, prefix: str = "") -> list[str]:
         tp = _unwrap_optional(tp)
         origin = typing.get_origin(tp)
         if dataclasses.is_dataclass(tp):
-            out += schema_paths(tp, path + ".")
+            for variant in _variants(tp):  # model: every family's keys (each YAML is checked against its own)
+                out += [p for p in schema_paths(variant, path + ".") if p not in out]
         elif origin is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
             out += schema_paths(typing.get_args(tp)[1], path + ".<name>.")
         elif origin is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             out += schema_paths(typing.get_args(tp)[0], path + "[].")
     return out
+
+
+def _variants(cls: type) -> tuple[type, ...]:
+    """A dataclass that stands for several (ModelConfig: one per family) lists them in `variants()`."""
+    return cls.variants() if hasattr(cls, "variants") else (cls,)
 
 
 def _matches(pattern: str, key: str) -> bool:
@@ -153,6 +159,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    if hasattr(cls, "variant"):  # ModelConfig: the family that `name` picks
+        cls = cls.variant(data, path or "model")
     hints = _hints(cls)
     kwargs = {}
     for key, value in data.items():

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from foundry.config.checks import one_of, positive
 from foundry.config.duration import Duration
+from foundry.config.model import ModelConfig, MPTConfig
 from foundry.errors import ConfigError
 
-ATTN_IMPLS = ("auto", "torch", "flex", "flash")
 OPTIMIZERS = ("decoupled_lionw", "lion", "adamw", "decoupled_adamw")
 SCHEDULERS = (
     "cosine_with_warmup",
@@ -26,89 +27,6 @@ SCHEDULERS = (
 PRECISIONS = ("auto", "fp32", "amp_bf16")
 MIXED_PRECISIONS = ("PURE", "DEFAULT", "FULL")
 SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
-
-
-def _positive(value: float, path: str, allow_zero: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}", path)
-
-
-def _one_of(value: str, choices: tuple[str, ...], path: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", path)
-
-
-@dataclass
-class AttnConfig:
-    attn_impl: str = "auto"  # auto: flex on CUDA, torch (SDPA + materialized ALiBi) elsewhere
-    alibi: bool = True
-    alibi_bias_max: int = 8
-    qk_ln: bool = False
-    clip_qkv: float | None = None
-    softmax_scale: float | None = None
-    attn_pdrop: float = 0.0
-
-    def validate(self, path: str) -> None:
-        _one_of(self.attn_impl, ATTN_IMPLS, f"{path}.attn_impl")
-        if not self.alibi:
-            raise ConfigError(
-                "only ALiBi position encoding is supported (MPT's); set alibi: true", f"{path}.alibi"
-            )
-        _positive(self.alibi_bias_max, f"{path}.alibi_bias_max")
-        if self.clip_qkv is not None:
-            _positive(self.clip_qkv, f"{path}.clip_qkv")
-        _positive(self.attn_pdrop, f"{path}.attn_pdrop", allow_zero=True)
-
-
-@dataclass
-class InitConfig:
-    name: str = "kaiming_normal_"  # MPT's default; also "normal_" with init_std
-    fan_mode: str = "fan_in"
-    init_nonlinearity: str = "relu"
-    init_div_is_residual: bool = True
-    init_std: float | None = None
-    emb_init_std: float | None = None
-    init_gain: float = 0.0
-
-    def validate(self, path: str) -> None:
-        _one_of(self.name, ("kaiming_normal_", "normal_"), f"{path}.name")
-        if self.name == "normal_" and self.init_std is None:
-            raise ConfigError("normal_ init needs init_std", f"{path}.init_std")
-
-
-@dataclass
-class ModelConfig:
-    name: str = "mpt_causal_lm"
-    d_model: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    expansion_ratio: float = 4
-    max_seq_len: int = 2048
-    # None: the tokenizer's size, padded up to a multiple of 128 (50257 -> 50304); the MPT presets
-    # set the released 50432 explicitly.
-    vocab_size: int | None = None
-    no_bias: bool = True
-    norm_type: str = "low_precision_layernorm"
-    layer_norm_epsilon: float = 1e-5
-    emb_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
-    logit_scale: float | None = None
-    attn_config: AttnConfig = field(default_factory=AttnConfig)
-    init_config: InitConfig = field(default_factory=InitConfig)
-
-    def validate(self, path: str) -> None:
-        _one_of(self.name, ("mpt_causal_lm",), f"{path}.name")
-        for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "expansion_ratio"):
-            _positive(getattr(self, key), f"{path}.{key}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(
-                f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}", f"{path}.d_model"
-            )
-        if self.vocab_size is not None:
-            _positive(self.vocab_size, f"{path}.vocab_size")
-        _one_of(self.norm_type, ("low_precision_layernorm", "layernorm"), f"{path}.norm_type")
-        self.attn_config.validate(f"{path}.attn_config")
-        self.init_config.validate(f"{path}.init_config")
 
 
 @dataclass
@@ -142,13 +60,13 @@ class StreamConfig:
         if len(given) > 1:
             raise ConfigError(f"set at most one of proportion/repeat/choose, got {', '.join(given)}", path)
         if self.proportion is not None:
-            _positive(self.proportion, f"{path}.proportion")
+            positive(self.proportion, f"{path}.proportion")
         if self.repeat is not None:
-            _positive(self.repeat, f"{path}.repeat")
+            positive(self.repeat, f"{path}.repeat")
         if self.choose is not None:
-            _positive(self.choose, f"{path}.choose")
+            positive(self.choose, f"{path}.choose")
         if self.tokens is not None:
-            _positive(self.tokens, f"{path}.tokens")
+            positive(self.tokens, f"{path}.tokens")
 
 
 @dataclass
@@ -172,8 +90,8 @@ class DataConfig:
             stream.validate(f"{path}.streams.{name}")
         for name, stream in self.eval_streams.items():
             stream.validate(f"{path}.eval_streams.{name}")
-        _positive(self.num_workers, f"{path}.num_workers", allow_zero=True)
-        _one_of(
+        positive(self.num_workers, f"{path}.num_workers", allow_zero=True)
+        one_of(
             self.batching_method,
             ("random", "per_stream", "stratified", "device_per_stream"),
             f"{path}.batching_method",
@@ -191,12 +109,12 @@ class PhaseConfig:
     global_train_batch_size: int | None = None  # None: keep tokens per step of the first phase
 
     def validate(self, path: str) -> None:
-        _positive(self.max_seq_len, f"{path}.max_seq_len")
+        positive(self.max_seq_len, f"{path}.max_seq_len")
         Duration.parse(self.duration, f"{path}.duration")
         if self.data is not None:
             self.data.validate(f"{path}.data")
         if self.global_train_batch_size is not None:
-            _positive(self.global_train_batch_size, f"{path}.global_train_batch_size")
+            positive(self.global_train_batch_size, f"{path}.global_train_batch_size")
 
 
 @dataclass
@@ -208,9 +126,9 @@ class OptimizerConfig:
     eps: float = 1e-8
 
     def validate(self, path: str) -> None:
-        _one_of(self.name, OPTIMIZERS, f"{path}.name")
-        _positive(self.lr, f"{path}.lr")
-        _positive(self.weight_decay, f"{path}.weight_decay", allow_zero=True)
+        one_of(self.name, OPTIMIZERS, f"{path}.name")
+        positive(self.lr, f"{path}.lr")
+        positive(self.weight_decay, f"{path}.weight_decay", allow_zero=True)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}", f"{path}.betas")
 
@@ -224,13 +142,13 @@ class SchedulerConfig:
     t_scale: str = "1ba"  # inv_sqrt_with_warmup's time scale
 
     def validate(self, path: str) -> None:
-        _one_of(self.name, SCHEDULERS, f"{path}.name")
+        one_of(self.name, SCHEDULERS, f"{path}.name")
         if self.t_warmup not in ("0ba", "0tok"):
             Duration.parse(self.t_warmup, f"{path}.t_warmup")
         if self.t_max is not None:
             Duration.parse(self.t_max, f"{path}.t_max")
         Duration.parse(self.t_scale, f"{path}.t_scale")
-        _positive(self.alpha_f, f"{path}.alpha_f", allow_zero=True)
+        positive(self.alpha_f, f"{path}.alpha_f", allow_zero=True)
 
 
 @dataclass
@@ -244,12 +162,12 @@ class FSDPConfig:
     cpu_offload: bool = False
 
     def validate(self, path: str) -> None:
-        _one_of(self.sharding_strategy, SHARDING, f"{path}.sharding_strategy")
-        _one_of(self.mixed_precision, MIXED_PRECISIONS, f"{path}.mixed_precision")
-        _one_of(
+        one_of(self.sharding_strategy, SHARDING, f"{path}.sharding_strategy")
+        one_of(self.mixed_precision, MIXED_PRECISIONS, f"{path}.mixed_precision")
+        one_of(
             self.activation_checkpointing, ("none", "full", "selective"), f"{path}.activation_checkpointing"
         )
-        _positive(self.activation_checkpointing_every, f"{path}.activation_checkpointing_every")
+        positive(self.activation_checkpointing_every, f"{path}.activation_checkpointing_every")
 
 
 @dataclass
@@ -297,7 +215,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     dist_timeout_s: float = 600.0
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=MPTConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     phases: list[PhaseConfig] | None = None
@@ -305,6 +223,8 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    # Extra callbacks (foundry/train/callbacks): `package.module:Class` or `path/to/file.py:Class`.
+    callbacks: list[str] = field(default_factory=list)
 
     @property
     def run_dir(self) -> str:
@@ -317,13 +237,13 @@ class TrainConfig:
             "device_eval_batch_size",
             "max_seq_len",
         ):
-            _positive(getattr(self, key), key)
-        _one_of(self.precision, PRECISIONS, "precision")
-        _one_of(self.device, ("auto", "cpu", "cuda"), "device")
+            positive(getattr(self, key), key)
+        one_of(self.precision, PRECISIONS, "precision")
+        one_of(self.device, ("auto", "cpu", "cuda"), "device")
         for key in ("save_interval", "log_interval") + (("eval_interval",) if self.eval_interval else ()):
             Duration.parse(getattr(self, key), key)
         if self.grad_clip_norm is not None:
-            _positive(self.grad_clip_norm, "grad_clip_norm")
+            positive(self.grad_clip_norm, "grad_clip_norm")
         self.model.validate("model")
         self.optimizer.validate("optimizer")
         self.scheduler.validate("scheduler")

@@ -1,60 +1,54 @@
-"""Hugging Face conversion.
+"""Hugging Face folders in and out, for any model family.
 
-Export: a folder that stock ``transformers`` loads as ``MptForCausalLM`` (no trust_remote_code).
-Import: a folder written by ``MptForCausalLM.save_pretrained`` or a released MPT checkpoint (mosaicml/mpt-7b's
-layout: llm-foundry's remote-code config keys, ``transformer.*`` weights in sharded ``pytorch_model-*.bin``).
-
-Our parameter names are MPT's, so both directions only rename around the edges (``lm_head`` is tied to
-``transformer.wte`` and never stored). Only local folders are read: download hub models first.
+Export: a folder that stock ``transformers`` loads (``AutoModelForCausalLM``, no trust_remote_code).
+Import: a folder written by ``save_pretrained`` or a released checkpoint's layout. Each family's adapter
+(foundry/models/<family>/hf.py) maps its config and weight names; this module reads and writes the
+files (safetensors or .bin, single or sharded with an index) and the tokenizer. Only local folders
+are read: download hub models first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import torch
 
-from foundry.config.schema import AttnConfig, InitConfig, ModelConfig
-from foundry.errors import ConfigError, FoundryError
-from foundry.models.build import canonical_name
-from foundry.models.mpt import VOCAB_MULTIPLE, MPTForCausalLM
+from foundry.config.model import ModelConfig
+from foundry.errors import FoundryError
+from foundry.models.build import build_model
+from foundry.models.mpt import hf as mpt_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
-TIED_HEAD = "lm_head.weight"
-EMBEDDING = "transformer.wte.weight"
 _WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
+# model.name -> adapter, and the HF model_type each adapter reads.
+ADAPTERS: dict[str, ModuleType] = {"mpt_causal_lm": mpt_hf}
+
+
+def adapter_for(cfg: ModelConfig) -> ModuleType:
+    try:
+        return ADAPTERS[cfg.name]
+    except KeyError:
+        raise FoundryError(f"no Hugging Face adapter for model {cfg.name!r}") from None
+
+
+def _adapter_for_type(model_type: str | None, source: str) -> ModuleType:
+    for adapter in ADAPTERS.values():
+        if adapter.MODEL_TYPE == model_type:
+            return adapter
+    known = ", ".join(repr(a.MODEL_TYPE) for a in ADAPTERS.values())
+    raise FoundryError(f"{source}: model_type {model_type!r} is not one foundry converts ({known})")
 
 
 # --- export -----------------------------------------------------------------------------------------------
-
-
-def hf_incompatibilities(cfg: ModelConfig) -> list[str]:
-    """What transformers' MptForCausalLM cannot express (it would load but compute something else)."""
-    problems = []
-    if cfg.attn_config.qk_ln:
-        problems.append("attn_config.qk_ln: MptForCausalLM has no query/key LayerNorms")
-    if cfg.logit_scale is not None:
-        problems.append("logit_scale: MptForCausalLM does not scale its logits")
-    if not cfg.no_bias:
-        problems.append("no_bias: false: MptForCausalLM has no Linear or LayerNorm biases")
-    if cfg.expansion_ratio != 4:
-        problems.append(
-            f"expansion_ratio {cfg.expansion_ratio}: MptForCausalLM's MLP is always 4 * d_model wide"
-        )
-    if cfg.attn_config.alibi_bias_max != 8:
-        problems.append(
-            f"attn_config.alibi_bias_max {cfg.attn_config.alibi_bias_max}: MptForCausalLM always uses 8"
-        )
-    return problems
 
 
 def export_hf(
@@ -64,25 +58,28 @@ def export_hf(
     out_dir: str | Path,
     tokenizer_dir: str | None = None,
     dtype: str = "float32",
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Write ``out_dir`` so that ``AutoModelForCausalLM.from_pretrained(out_dir)`` gives our model's logits.
 
     ``vocab_size`` is the tokenizer's size; the embedding (from ``state_dict``) may have more, padded rows.
     """
-    problems = hf_incompatibilities(model_cfg)
+    adapter = adapter_for(model_cfg)
+    problems = adapter.incompatibilities(model_cfg)
     if problems:
         raise FoundryError(
-            "this model cannot be exported to transformers' MptForCausalLM:\n  " + "\n  ".join(problems)
+            f"this model cannot be exported to transformers ({adapter.MODEL_TYPE}):\n  "
+            + "\n  ".join(problems)
         )
     if dtype not in DTYPES:
         raise FoundryError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    weights = _foundry_names(state_dict, tied=True)
-    if EMBEDDING not in weights:
-        raise FoundryError(f"the state dict has no {EMBEDDING}; is it an MPT model's?")
-    rows = weights[EMBEDDING].shape[0]
+    if adapter.EMBEDDING not in state_dict:
+        raise FoundryError(f"the state dict has no {adapter.EMBEDDING}; is it a {model_cfg.name} model's?")
+    rows = state_dict[adapter.EMBEDDING].shape[0]
     if vocab_size > rows:
         raise FoundryError(f"the tokenizer has {vocab_size} tokens but the embedding only {rows} rows")
-    check_weights(weights, model_cfg, rows)
+    check_weights(state_dict, model_cfg, rows)
+    weights = adapter.names_to_hf(state_dict)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,53 +92,10 @@ def export_hf(
     token_ids = {}
     if tokenizer_dir is not None:
         token_ids = _save_tokenizer(tokenizer_dir, out)
-    _write_json(out / "config.json", hf_config_dict(model_cfg, rows, dtype, token_ids))
-    _save_safetensors({k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in weights.items()}, out)
+    _write_json(out / "config.json", adapter.config_to_hf(model_cfg, rows, dtype, token_ids))
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    _save_safetensors(tensors, out, max_shard_bytes)
     return out
-
-
-def hf_config_dict(
-    cfg: ModelConfig, rows: int, dtype: str = "float32", token_ids: dict | None = None
-) -> dict:
-    """config.json of a stock transformers MPT model (model_type "mpt", no auto_map)."""
-    from transformers import MptConfig
-
-    attn = cfg.attn_config
-    attn_config = {
-        "attn_impl": "torch",
-        "alibi": True,
-        "alibi_bias_max": attn.alibi_bias_max,
-        "clip_qkv": attn.clip_qkv,
-        "softmax_scale": attn.softmax_scale,
-        "qk_ln": False,
-    }
-    if attn.attn_pdrop:  # transformers 5 types attn_pdrop as int: leave its default 0 alone
-        attn_config["attn_pdrop"] = attn.attn_pdrop
-    config = MptConfig(
-        d_model=cfg.d_model,
-        n_heads=cfg.n_heads,
-        n_layers=cfg.n_layers,
-        expansion_ratio=int(cfg.expansion_ratio),
-        max_seq_len=cfg.max_seq_len,
-        vocab_size=rows,
-        resid_pdrop=cfg.resid_pdrop,
-        emb_pdrop=cfg.emb_pdrop,
-        layer_norm_epsilon=cfg.layer_norm_epsilon,
-        learned_pos_emb=False,
-        attn_config=attn_config,
-        no_bias=True,
-        norm_type=cfg.norm_type,
-        logit_scale=None,
-        tie_word_embeddings=True,
-        use_cache=True,
-        **(token_ids or {}),
-    )
-    config.architectures = ["MptForCausalLM"]
-    data = json.loads(config.to_json_string(use_diff=True))
-    data.pop("dtype", None)
-    data["torch_dtype"] = dtype  # older transformers read torch_dtype, newer dtype
-    data["dtype"] = dtype
-    return data
 
 
 def _save_tokenizer(tokenizer_dir: str, out: Path) -> dict:
@@ -189,7 +143,7 @@ def _save_safetensors(
 
 
 def import_hf(hf_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
-    """Weights (foundry names), model config and embedding rows of a local HF / released-MPT folder."""
+    """Weights (foundry names), model config and embedding rows of a local HF / released checkpoint folder."""
     path = Path(hf_dir)
     if not (path / "config.json").is_file():
         raise FoundryError(
@@ -197,102 +151,12 @@ def import_hf(hf_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
             f"`huggingface-cli download mosaicml/mpt-7b --local-dir {path}`"
         )
     raw = json.loads((path / "config.json").read_text())
-    cfg = model_config_from_hf(raw, source=str(path))
-    weights = load_hf_weights(path)
-    if "transformer.wpe.weight" in weights:
-        raise FoundryError(
-            f"{path} has learned positional embeddings (transformer.wpe); foundry supports ALiBi only"
-        )
-    state_dict = _foundry_names(weights, tied=raw.get("tie_word_embeddings", True))
-    if EMBEDDING not in state_dict:
-        raise FoundryError(f"{path}: no {EMBEDDING} among the weights; is this an MPT checkpoint?")
-    rows = state_dict[EMBEDDING].shape[0]
-    if rows % VOCAB_MULTIPLE:
-        raise FoundryError(
-            f"{path}: the embedding has {rows} rows; foundry's MPT pads its vocabulary to a multiple of "
-            f"{VOCAB_MULTIPLE}, and padding it here would change the model's probabilities"
-        )
+    adapter = _adapter_for_type(raw.get("model_type"), str(path))
+    cfg = adapter.config_from_hf(raw, source=str(path))
+    state_dict, rows = adapter.import_weights(load_hf_weights(path), raw, cfg, str(path))
     cfg.vocab_size = rows
     check_weights(state_dict, cfg, rows)
     return state_dict, cfg, rows
-
-
-def model_config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Map an MPT config.json (transformers' or llm-foundry's remote-code one) to our ModelConfig."""
-    if raw.get("model_type") != "mpt":
-        raise FoundryError(
-            f"{source}: model_type {raw.get('model_type')!r} is not 'mpt'; foundry converts MPT only"
-        )
-    attn: dict = dict(raw.get("attn_config") or {})
-    ffn: dict = dict(raw.get("ffn_config") or {})
-    refuse = []
-    if attn.get("alibi", True) is False:
-        refuse.append(
-            "attn_config.alibi is false (learned positional embeddings); foundry supports ALiBi only"
-        )
-    if attn.get("rope"):
-        refuse.append("attn_config.rope: rotary embeddings are not supported")
-    attn_type = attn.get("attn_type", "multihead_attention")
-    kv_heads = attn.get("kv_n_heads", raw.get("n_heads"))
-    if attn_type != "multihead_attention" and not (
-        attn_type == "grouped_query_attention" and kv_heads == raw.get("n_heads")
-    ):
-        refuse.append(f"attn_config.attn_type {attn_type!r}: only multi-head attention is supported")
-    for key in ("prefix_lm", "qk_gn"):
-        if attn.get(key):
-            refuse.append(f"attn_config.{key} is not supported")
-    if attn.get("sliding_window_size", -1) not in (-1, None):
-        refuse.append("attn_config.sliding_window_size is not supported")
-    if ffn.get("ffn_type", "mptmlp") != "mptmlp":
-        refuse.append(f"ffn_config.ffn_type {ffn['ffn_type']!r}: only MPT's GELU MLP is supported")
-    act = ffn.get("ffn_act_fn")
-    if act and (act.get("name") != "gelu" or act.get("approximate", "none") != "none"):
-        refuse.append(f"ffn_config.ffn_act_fn {act}: only exact GELU is supported")
-    norm_type = str(raw.get("norm_type", "low_precision_layernorm")).lower()
-    if norm_type not in ("low_precision_layernorm", "layernorm"):
-        refuse.append(f"norm_type {norm_type!r}: only LayerNorm is supported")
-    if refuse:
-        raise FoundryError(f"{source}: cannot import this MPT model:\n  " + "\n  ".join(refuse))
-
-    d_model = raw.get("d_model", 2048)
-    expansion = raw.get("expansion_ratio", ffn.get("expansion_ratio", 4))
-    if ffn.get("ffn_hidden_size"):
-        expansion = ffn["ffn_hidden_size"] / d_model
-    logit_scale = raw.get("logit_scale")
-    if logit_scale == "inv_sqrt_d_model":
-        logit_scale = 1 / math.sqrt(d_model)
-    init_fields = {f for f in InitConfig.__dataclass_fields__}
-    init = InitConfig(**{k: v for k, v in (raw.get("init_config") or {}).items() if k in init_fields})
-    if init.name not in ("kaiming_normal_", "normal_") or (init.name == "normal_" and init.init_std is None):
-        init = InitConfig()  # the weights are given; the init scheme only matters for training from scratch
-    cfg = ModelConfig(
-        d_model=d_model,
-        n_heads=raw.get("n_heads", 16),
-        n_layers=raw.get("n_layers", 24),
-        expansion_ratio=expansion,
-        max_seq_len=raw.get("max_seq_len", 2048),
-        vocab_size=raw.get("vocab_size"),
-        no_bias=raw.get("no_bias", True),
-        norm_type=norm_type,
-        layer_norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
-        emb_pdrop=raw.get("emb_pdrop", 0.0) or 0.0,
-        resid_pdrop=raw.get("resid_pdrop", 0.0) or 0.0,
-        logit_scale=logit_scale,
-        attn_config=AttnConfig(
-            alibi=True,
-            alibi_bias_max=attn.get("alibi_bias_max", 8),
-            qk_ln=bool(attn.get("qk_ln", False)),
-            clip_qkv=attn.get("clip_qkv") or None,
-            softmax_scale=attn.get("softmax_scale"),
-            attn_pdrop=attn.get("attn_pdrop", 0.0) or 0.0,
-        ),
-        init_config=init,
-    )
-    try:
-        cfg.validate("model")
-    except ConfigError as e:
-        raise FoundryError(f"{source}: {e}") from e
-    return cfg
 
 
 def load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -326,29 +190,174 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
         return torch.load(file, map_location="cpu", weights_only=True)
 
 
+# --- loading straight into a (sharded) model ---------------------------------------------------------------
+
+# Settings that do not change what the weights compute (or only in training): a run may differ here.
+_TRAINING_ONLY = {
+    "vocab_size",
+    "max_seq_len",
+    "emb_pdrop",
+    "resid_pdrop",
+    "init_config",
+    "attn_impl",
+    "attn_pdrop",
+}
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face model folder (config.json and weights), as opposed to a foundry checkpoint or run."""
+    p = Path(path)
+    return (
+        (p / "config.json").is_file()
+        and not (p / ".metadata").is_file()
+        and any((p / f).is_file() for f in _WEIGHT_FILES)
+    )
+
+
+def load_hf_into(model: torch.nn.Module, hf_dir: str | Path) -> None:
+    """Fill `model` (FSDP2-sharded or not) from a HF folder, each rank reading only the rows it owns.
+
+    safetensors files are opened lazily and sliced (``get_slice``), so a rank's peak host memory is its
+    share of the model, not the model; .bin files are memory-mapped. The folder's architecture must be
+    the run's (`model:` in the YAML), or the load is refused with the settings that differ.
+    """
+    from torch.distributed.tensor import DTensor
+
+    path = Path(hf_dir)
+    raw = json.loads((path / "config.json").read_text())
+    adapter = _adapter_for_type(raw.get("model_type"), str(path))
+    _check_same_architecture(model.cfg, adapter.config_from_hf(raw, source=str(path)), path)
+    index = _tensor_index(path)
+    with _TensorReader(path) as reader:
+        for name, tensor in _named_tensors(model):
+            hf_name = adapter.hf_name(name)
+            if hf_name not in index:
+                raise FoundryError(
+                    f"{path} has no tensor {hf_name} (for {name}); is it a {model.cfg.name} model?"
+                )
+            full_shape = tuple(tensor.shape)
+            stored = reader.shape(index[hf_name], hf_name)
+            if stored != full_shape:
+                raise FoundryError(
+                    f"{path}: {hf_name} has shape {stored}, the run's model wants {full_shape} "
+                    "(set model.vocab_size / the architecture to the folder's, see its config.json)"
+                )
+            local, offset = tensor, (0,) * len(full_shape)
+            if isinstance(tensor, DTensor):
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                shape, offset = compute_local_shape_and_global_offset(
+                    tensor.shape, tensor.device_mesh, tensor.placements
+                )
+                local = tensor.to_local()
+                assert tuple(local.shape) == tuple(shape), (name, local.shape, shape)
+            if local.numel() == 0:
+                continue
+            region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+            with torch.no_grad():
+                local.copy_(reader.read(index[hf_name], hf_name, region))
+
+
+def _named_tensors(model: torch.nn.Module):
+    """Parameters and persistent buffers (the state dict's own tensors) under wrapper-free names."""
+    from foundry.models.build import canonical_name
+
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        yield canonical_name(name), tensor
+
+
+def _check_same_architecture(run_cfg: ModelConfig, folder_cfg: ModelConfig, path: Path) -> None:
+    def flat(cfg) -> dict:
+        out = {}
+        for key, value in dataclasses.asdict(cfg).items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                if key not in _TRAINING_ONLY and sub not in _TRAINING_ONLY:
+                    out[f"{key}.{sub}" if sub else key] = v
+        return out
+
+    ours, theirs = flat(run_cfg), flat(folder_cfg)
+    diff = [
+        f"model.{k}: {ours.get(k)!r} in the run, {theirs.get(k)!r} in {path}"
+        for k in sorted(set(ours) | set(theirs))
+        if ours.get(k) != theirs.get(k)
+    ]
+    if diff:
+        raise FoundryError(
+            f"load_path={path} holds another architecture than the run's model:\n  "
+            + "\n  ".join(diff)
+            + "\n  (set these in the run's `model:`, or convert the folder with `foundry convert from-hf` to see its config)"
+        )
+
+
+def _tensor_index(path: Path) -> dict[str, str]:
+    """HF tensor name -> the file (in `path`) that holds it."""
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            break
+    else:
+        raise FoundryError(f"{path} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}")
+    if not name.endswith(".index.json"):
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path / name, framework="pt") as f:
+                return dict.fromkeys(f.keys(), name)
+        return dict.fromkeys(_load_file(path / name), name)
+    weight_map = json.loads((path / name).read_text())["weight_map"]
+    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if missing:
+        raise FoundryError(f"{path / name} lists {missing[0]}, which is missing")
+    return dict(weight_map)
+
+
+class _TensorReader:
+    """Slices of tensors from safetensors (read lazily) or .bin files (memory-mapped), files kept open."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._open: dict[str, object] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._open.values():
+            if hasattr(handle, "__exit__"):
+                handle.__exit__(None, None, None)
+        self._open.clear()
+
+    def _file(self, file: str):
+        if file not in self._open:
+            if file.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                handle = safe_open(self.path / file, framework="pt")
+                self._open[file] = handle.__enter__()
+            else:
+                self._open[file] = _load_file(self.path / file)
+        return self._open[file]
+
+    def shape(self, file: str, name: str) -> tuple[int, ...]:
+        handle = self._file(file)
+        if isinstance(handle, dict):
+            return tuple(handle[name].shape)
+        return tuple(handle.get_slice(name).get_shape())
+
+    def read(self, file: str, name: str, region: tuple[slice, ...]) -> torch.Tensor:
+        handle = self._file(file)
+        if isinstance(handle, dict):
+            return handle[name][region]
+        return handle.get_slice(name)[region]
+
+
 # --- shared -----------------------------------------------------------------------------------------------
-
-
-def _foundry_names(weights: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes; drop a tied lm_head (refuse an untied one: MPT ties its output matrix)."""
-    out = {}
-    for name, tensor in weights.items():
-        name = canonical_name(name)
-        if name.startswith("model.transformer."):  # Composer's HuggingFaceModel wrapper
-            name = name[len("model.") :]
-        if name.startswith("model.lm_head."):
-            name = name[len("model.") :]
-        out[name] = tensor
-    head = out.pop(TIED_HEAD, None)
-    if head is not None and not tied and EMBEDDING in out and not torch.equal(head, out[EMBEDDING]):
-        raise FoundryError("the checkpoint has an untied lm_head; foundry's MPT ties it to transformer.wte")
-    return out
 
 
 def check_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, rows: int) -> None:
     """Refuse weights whose names or shapes differ from the model ``cfg`` describes."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MPTForCausalLM(cfg, rows).state_dict().items()}
+    model = build_model(dataclasses.replace(cfg, vocab_size=rows), device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in weights.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))

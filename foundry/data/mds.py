@@ -57,6 +57,17 @@ def read_manifest(stream: StreamConfig) -> dict[str, Any] | None:
     return parent if parent.get("split") == stream.split else None
 
 
+def check_local_streams(streams: dict[str, StreamConfig], path: str) -> None:
+    """Each local-only stream has its index.json where the config says (before Streaming sees it)."""
+    for name, stream in streams.items():
+        folder = stream_dir(stream)
+        if stream.remote is None and folder is not None and not (folder / INDEX).is_file():
+            raise DataError(
+                f"{path}.{name}: no {INDEX} in {folder} and no remote to download it from; "
+                "prepare the data there (foundry data-prep) or fix `local`/`split`"
+            )
+
+
 def read_index(folder: Path) -> dict[str, Any] | None:
     return _read_json(folder / INDEX)
 

@@ -1,4 +1,5 @@
-"""MPT models: the module (mpt.py), attention backends (attention.py), building and init (build.py)."""
+"""Model families (mpt/, llama/ ...), what they share (attention, norms, the fused loss), and building
+and initializing any of them (build.py)."""
 
 from foundry.models.build import build_model, init_weights, num_params
 from foundry.models.mpt import MPTForCausalLM, padded_vocab_size

@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from foundry.data.batches import IGNORE_INDEX
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

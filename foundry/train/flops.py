@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from foundry.config.schema import ModelConfig
+from foundry.config.model import ModelConfig, MPTConfig
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, from the vendors' data sheets. Matched as
 # case-insensitive substrings of torch.cuda.get_device_name(), first hit wins, so the specific
@@ -38,7 +38,7 @@ _PEAK_BF16 = (
 )
 
 
-def mpt_block_param_count(cfg: ModelConfig) -> int:
+def mpt_block_param_count(cfg: MPTConfig) -> int:
     d = cfg.d_model
     hidden = int(d * cfg.expansion_ratio)
     weights = 3 * d * d + d * d + 2 * d * hidden + 2 * d  # Wqkv, out_proj, up/down_proj, norm_1/norm_2
@@ -51,7 +51,7 @@ def mpt_block_param_count(cfg: ModelConfig) -> int:
     return weights + biases
 
 
-def mpt_param_count(cfg: ModelConfig, vocab_size: int) -> int:
+def mpt_param_count(cfg: MPTConfig, vocab_size: int) -> int:
     """Parameters of an MPT model (lm_head tied to wte, so the embedding counts once), for planning
     before a model exists. MPT-7B (d 4096, 32 layers, vocab 50432): 6,649,286,656."""
     d = cfg.d_model

@@ -13,13 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 from foundry.config.schema import FSDPConfig
-from foundry.train.dist import DistEnv
+from foundry.runtime.dist import DistEnv
 
 log = logging.getLogger("foundry")
-
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    return model.transformer.blocks
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: FSDPConfig) -> None:
@@ -28,7 +24,7 @@ def apply_activation_checkpointing(model: nn.Module, cfg: FSDPConfig) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     every = cfg.activation_checkpointing_every if cfg.activation_checkpointing == "selective" else 1
-    blocks = _blocks(model)
+    blocks = model.blocks
     for i, block in enumerate(blocks):
         if i % every == 0:
             blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
@@ -40,7 +36,7 @@ def apply_compile(model: nn.Module) -> None:
     dynamic=False: shapes only change at a sequence-length phase switch (or in a benchmark sweep), where a
     recompile to static shapes is cheaper than kernels that take every size at run time.
     """
-    blocks = _blocks(model)
+    blocks = model.blocks
     for i, block in enumerate(blocks):
         blocks[i] = torch.compile(block, fullgraph=False, dynamic=False)
 
@@ -95,7 +91,7 @@ def apply_fsdp(model: nn.Module, env: DistEnv, cfg: FSDPConfig, precision: str) 
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
     # Without sharding there is nothing to free after forward.
     reshard_root = cfg.reshard_after_forward and cfg.sharding_strategy != "NO_SHARD"
-    blocks = _blocks(model)
+    blocks = model.blocks
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keep them gathered.
         fully_shard(block, reshard_after_forward=reshard_root and i < len(blocks) - 1, **kwargs)

@@ -4,12 +4,13 @@ and benchmarks/throughput.py, so the benchmark times exactly what training runs.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from foundry.train import dist as fdist
+from foundry.data.batches import IGNORE_INDEX
+from foundry.runtime import dist as fdist
+from foundry.runtime.precision import autocast_for
 
 
 @dataclass
@@ -17,12 +18,6 @@ class StepResult:
     loss: float
     grad_norm: float | None
     ok: bool  # False: loss or gradient was NaN/Inf and the update was skipped
-
-
-def autocast_for(precision: str, device: torch.device) -> AbstractContextManager:
-    if precision == "amp_bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def train_step(
@@ -33,12 +28,10 @@ def train_step(
     device: torch.device,
     precision: str,
     grad_clip_norm: float | None,
-    poison: bool = False,
 ) -> StepResult:
-    """`poison` (tests only) makes the loss NaN, as a bad batch or an overflow would."""
     model.train()
     # Weight each micro-batch by its share of target tokens: the step's loss is the mean over all of them.
-    counts = [int((b["labels"] != -100).sum()) for b in batches]
+    counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     n_tokens = max(sum(counts), 1)
     total = torch.zeros((), device=device, dtype=torch.float32)
     for i, batch in enumerate(batches):
@@ -49,8 +42,6 @@ def train_step(
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast_for(precision, device):
             loss = model(input_ids, labels=labels) * (counts[i] / n_tokens)
-        if poison:
-            loss = loss * float("nan")
         loss.backward()
         total += loss.detach()
     loss_value = fdist.all_reduce_mean(total)

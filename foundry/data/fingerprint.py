@@ -7,9 +7,9 @@ import json
 import logging
 from pathlib import Path
 
+from foundry.config.plan import RunPlan
 from foundry.config.schema import TrainConfig
 from foundry.errors import FoundryError
-from foundry.train.plan import RunPlan
 
 log = logging.getLogger("foundry")
 

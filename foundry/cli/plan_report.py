@@ -12,9 +12,9 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from foundry.config.plan import RunPlan, make_plan
 from foundry.config.schema import TrainConfig
 from foundry.data.mixture import PROPORTION_SUM_TOLERANCE, source_shares, tokens_in_source
-from foundry.train.plan import RunPlan, make_plan
 
 # Reading a source more often than this adds little (repeated tokens lose value fast) and usually means
 # a proportion or token count is off. MPT-7B itself reads Wikipedia 8.2 times; MPT-7B-8k peaks at 4.6.

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from foundry.config.schema import ModelConfig
+from foundry.config.model import MPTConfig
 from foundry.errors import ConfigError, FoundryError
 from foundry.models.attention import AttentionPlan, alibi_slopes, attend, plan_attention, resolve_attn_impl
 from foundry.models.loss import lm_loss
@@ -31,7 +31,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 class MPTAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: MPTConfig):
         super().__init__()
         attn = cfg.attn_config
         d = cfg.d_model
@@ -60,7 +60,7 @@ class MPTAttention(nn.Module):
 
 
 class MPTMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: MPTConfig):
         super().__init__()
         hidden = int(cfg.expansion_ratio * cfg.d_model)
         self.up_proj = nn.Linear(cfg.d_model, hidden, bias=not cfg.no_bias)
@@ -72,7 +72,7 @@ class MPTMLP(nn.Module):
 
 
 class MPTBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: MPTConfig):
         super().__init__()
         norm = dict(
             norm_type=cfg.norm_type, dim=cfg.d_model, eps=cfg.layer_norm_epsilon, bias=not cfg.no_bias
@@ -92,7 +92,7 @@ class MPTBlock(nn.Module):
 class MPTModel(nn.Module):
     """The ``transformer.*`` part of the checkpoint: embedding, blocks, final norm."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: MPTConfig, vocab_size: int):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
@@ -107,7 +107,7 @@ class MPTModel(nn.Module):
 
 
 class MPTForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None):
+    def __init__(self, cfg: MPTConfig, vocab_size: int | None = None):
         super().__init__()
         vocab_size = vocab_size or cfg.vocab_size
         if vocab_size is None:
@@ -124,6 +124,14 @@ class MPTForCausalLM(nn.Module):
         # and FlexAttention kernel options (block sizes, stages; None: attention.CAUSAL_FLEX_OPTIONS alone).
         self.loss_chunk_size: int | None = LOSS_CHUNK_SIZE
         self.flex_kernel_options: dict | None = None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The repeated blocks: what activation checkpointing, compile and FSDP2 wrap one by one."""
+        return self.transformer.blocks
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
 
     def attn_impl(self, device: torch.device | str) -> str:
         """The attention backend a forward on ``device`` runs (auto resolved)."""

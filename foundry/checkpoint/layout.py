@@ -1,0 +1,199 @@
+"""The on-disk format of a checkpoint, and how a complete one is told from a damaged one.
+
+Layout: ``<run_dir>/checkpoints/step-00000123/`` holds DCP's ``.metadata`` and ``*.distcp`` files,
+``trainer_state.pt`` (counters, scheduler, data-loader position, data fingerprint), one ``rng-<rank>.pt``
+per rank, ``foundry_config.yaml`` and the completion marker ``COMPLETE``.
+
+A checkpoint is written as ``step-N.tmp/``; every rank makes its own files durable (DCP fsyncs them)
+and records their sizes and CRC32s; only when every rank has reported does rank 0 fsync, rename the
+folder to ``step-N/`` and write the marker, which lists every file with its size and checksum. So a
+folder with a marker was complete on disk before the marker existed, a truncated file is noticed by
+its size, and a corrupted one by its checksum before a resume trusts it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+from foundry.errors import CheckpointError
+from foundry.fsutil import fsync_dir, fsync_tree
+
+log = logging.getLogger("foundry")
+
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE"
+METADATA = ".metadata"
+TRAINER_STATE = "trainer_state.pt"
+CONFIG_FILE = "foundry_config.yaml"
+PREFIX = "step-"
+_CHUNK = 8 << 20
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    return int(Path(path).name[len(PREFIX) :].split(".", 1)[0])
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
+
+
+def crc32_of(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def digest_files(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    """name -> [size, crc32] for each file (names relative to `folder`)."""
+    return {name: [(folder / name).stat().st_size, crc32_of(folder / name)] for name in names}
+
+
+def all_files(path: Path) -> list[str]:
+    return [str(f.relative_to(path)) for f in sorted(path.rglob("*")) if f.is_file() and f.name != MARKER]
+
+
+def owned_files(folder: Path, rank: int) -> list[str]:
+    """The files of a checkpoint folder that `rank` wrote (DCP names its shards ``__<rank>_<i>.distcp``)."""
+    mine = sorted(str(f.relative_to(folder)) for f in folder.glob(f"__{rank}_*.distcp"))
+    mine += [n for n in (rng_file(rank),) if (folder / n).is_file()]
+    if rank == 0:
+        mine += [n for n in (METADATA, TRAINER_STATE, CONFIG_FILE) if (folder / n).is_file()]
+    return mine
+
+
+def read_marker(path: Path) -> dict | None:
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+        return marker if isinstance(marker.get("files"), dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def is_complete(path: Path) -> tuple[bool, str]:
+    """(ok, why-not). Checks the marker, DCP's metadata, and that every listed file has its recorded size."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        return False, "no completion marker"
+    if not (path / METADATA).is_file():
+        return False, "no DCP .metadata"
+    marker = read_marker(path)
+    if marker is None:
+        return False, "unreadable completion marker"
+    for name, size in marker["files"].items():
+        f = path / name
+        if not f.is_file():
+            return False, f"missing file {name}"
+        if f.stat().st_size != size:
+            return False, f"{name} has {f.stat().st_size} bytes, expected {size} (truncated?)"
+    return True, ""
+
+
+def verify(path: Path, part: int = 0, parts: int = 1) -> tuple[bool, str]:
+    """is_complete, plus the checksums of this part's share of the files (ranks split the reading)."""
+    ok, why = is_complete(path)
+    if not ok:
+        return ok, why
+    checksums = read_marker(path).get("crc32", {})
+    for i, name in enumerate(sorted(checksums)):
+        if i % parts == part and crc32_of(Path(path) / name) != checksums[name]:
+            return False, f"{name} does not match its checksum (corrupted)"
+    return True, ""
+
+
+def list_complete(root: Path, quiet: bool = False) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first. Incomplete ones are reported and skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if not path.is_dir() or not path.name.startswith(PREFIX) or not path.name[len(PREFIX) :].isdigit():
+            continue
+        ok, why = is_complete(path)
+        if ok:
+            found.append(path)
+        elif not quiet:
+            log.warning("skipping checkpoint %s: %s", path, why)
+    return sorted(found, key=step_of)
+
+
+def latest_complete(root: Path) -> Path | None:
+    complete = list_complete(root)
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
+    """A checkpoint folder, a run folder (its newest complete checkpoint), or a checkpoints/ folder."""
+    path = Path(run_or_ckpt)
+    if (path / METADATA).is_file():
+        ok, why = is_complete(path)
+        if not ok:
+            raise CheckpointError(f"{path} is not a complete checkpoint: {why}")
+        return path
+    for root in (path / CHECKPOINTS, path):
+        found = latest_complete(root)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"no complete checkpoint found in {path} (looked for {CHECKPOINTS}/{PREFIX}N/ with a {MARKER} marker)"
+    )
+
+
+def finalize(
+    tmp: Path, final: Path, step: int, digests: dict[str, list[int]] | None = None, world_size: int = 1
+) -> None:
+    """fsync, rename, then mark complete: a folder with a marker was fully on disk before the marker."""
+    fsync_tree(tmp)
+    digests = dict(digests or {})
+    unknown = [n for n in all_files(tmp) if n not in digests]
+    digests.update(digest_files(tmp, unknown))
+    if final.exists():  # a previous attempt at this step that was renamed but never marked complete
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    marker = {
+        "step": step,
+        "time": time.time(),
+        "world_size": world_size,
+        "files": {n: d[0] for n, d in sorted(digests.items())},
+        "crc32": {n: d[1] for n, d in sorted(digests.items())},
+    }
+    with open(final / MARKER, "w") as fh:
+        json.dump(marker, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(final)
+
+
+def prune(root: Path, keep: int, done_step: int | None = None) -> None:
+    """Delete the oldest complete checkpoints beyond `keep`, and leftovers of interrupted saves: ``.tmp``
+    and unmarked folders older than the newest complete one, and `done_step`'s own ``.tmp`` (what stays
+    on a node where rank 0 did not rename it: a remote run's staging disk on another node)."""
+    complete = list_complete(root, quiet=True)
+    if keep > 0:
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    newest = step_of(complete[-1]) if complete else -1
+    kept = {p.name for p in complete}
+    for path in Path(root).glob(f"{PREFIX}*"):
+        if path.name in kept or not path.is_dir():
+            continue
+        try:
+            step = step_of(path)
+        except ValueError:
+            continue
+        leftover = path.name.endswith(".tmp") or not (path / MARKER).is_file()
+        if leftover and (step < newest or step == done_step):
+            shutil.rmtree(path, ignore_errors=True)

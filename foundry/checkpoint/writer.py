@@ -1,0 +1,244 @@
+"""Writing the checkpoints of one run (synchronously or in the background) and finding the newest good one.
+
+Every rank writes its own shards with DCP into ``step-N.tmp/`` and reports their sizes and checksums;
+rank 0 then renames the folder and writes the marker (foundry/checkpoint/layout.py). With
+``save_async`` the writes run in a background thread and the marker follows at the first step where
+every rank is done. Where the checkpoints live (a local folder, or one mirrored to object storage) is
+the store's business (foundry/checkpoint/storage.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from foundry.checkpoint.layout import (
+    CONFIG_FILE,
+    TRAINER_STATE,
+    digest_files,
+    finalize,
+    owned_files,
+    rng_file,
+    step_dir,
+    verify,
+)
+from foundry.checkpoint.storage import LocalStore
+from foundry.errors import CheckpointError, FoundryError
+from foundry.runtime import dist as fdist
+
+log = logging.getLogger("foundry")
+
+# DCP's CheckpointException derives from BaseException, not Exception.
+LOAD_ERRORS = (Exception, CheckpointException)
+
+
+@contextmanager
+def single_process_quiet():
+    """DCP warns that it assumes one process when no process group exists; that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def load(path: Path, app_state: dict[str, Any], rank: int = 0) -> tuple[dict[str, Any], dict | None]:
+    """Load DCP state into `app_state` in place (resharding as needed); return (trainer state, this
+    rank's RNG state or None when the checkpoint has none for this rank)."""
+    with single_process_quiet():
+        dcp.load(app_state, checkpoint_id=str(path))
+    trainer_state = torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
+    rng = Path(path) / rng_file(rank)
+    return trainer_state, torch.load(rng, map_location="cpu", weights_only=False) if rng.is_file() else None
+
+
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    job: Future  # this rank's share: shards durable (and uploaded); returns {file: [size, crc32]}
+
+
+class Checkpointer:
+    """Writes checkpoints of one run, synchronously or in the background, and loads the newest good one.
+
+    Every method is collective: all ranks call it at the same point of the run.
+    """
+
+    def __init__(
+        self,
+        store: LocalStore,
+        env: fdist.DistEnv,
+        *,
+        keep: int = -1,
+        use_async: bool = False,
+        run_dir: Path | None = None,
+    ):
+        self.store = store
+        self.root = store.root
+        self.run_dir = run_dir  # small run files (metrics, config) travel with each checkpoint
+        self.env = env
+        self.keep = keep
+        self.use_async = use_async
+        # Called with (step, tmp folder) in the writing thread once this rank's files are durable and
+        # before the checkpoint can be marked complete (tests hold a save open here to kill a run mid-write).
+        self.on_share_written: list[Callable[[int, Path], None]] = []
+        # DCP's collectives (and, for async saves, its background thread) use their own gloo group.
+        self._group = fdist.new_cpu_group() if env.distributed else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foundry-checkpoint")
+        self._pending: _Pending | None = None
+
+    # ---------------------------------------------------------------- save
+    def save(
+        self,
+        step: int,
+        app_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        rng_state: dict[str, Any],
+        config_yaml: str,
+        blocking: bool = False,
+    ) -> None:
+        """Start checkpoint `step`; with async saving it completes later (see ready()/finish())."""
+        self.finish()  # markers go out in step order, one checkpoint in flight at a time
+        tmp = step_dir(self.root, step).with_name(step_dir(self.root, step).name + ".tmp")
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.store.begin(step)
+        fdist.barrier(self._group)
+        torch.save(rng_state, tmp / rng_file(self.env.rank))
+        if self.env.is_main:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+        if self.use_async and not blocking:
+            response = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group)
+            job = self._pool.submit(self._write_share, step, tmp, response)
+        else:
+            job = Future()
+            try:
+                with single_process_quiet():
+                    dcp.save(app_state, checkpoint_id=str(tmp), process_group=self._group)
+                job.set_result(self._write_share(step, tmp, None))
+            except LOAD_ERRORS as e:  # reported to every rank by finish()
+                job.set_exception(e)
+        self._pending = _Pending(step, tmp, job)
+        if blocking or not self.use_async:
+            self.finish()
+
+    def _write_share(self, step: int, tmp: Path, response) -> dict[str, list[int]]:
+        """This rank's part of a checkpoint, after DCP wrote (and fsynced) its shards."""
+        if response is not None:  # torch >= 2.9 may answer with staging/upload futures
+            getattr(response, "upload_completion", response).result()
+        for hook in self.on_share_written:
+            hook(step, tmp)
+        names = owned_files(tmp, self.env.rank)
+        digests = digest_files(tmp, names)
+        self.store.share_written(tmp, names, step)
+        return digests
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def ready(self) -> bool:
+        """This rank's share of the pending checkpoint is written (no collective; see finish())."""
+        return self._pending is not None and self._pending.job.done()
+
+    def finish(self) -> Path | None:
+        """Wait until every rank's share of the pending checkpoint is written, then mark it complete."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            share = (True, pending.job.result())
+        except LOAD_ERRORS as e:
+            share = (False, f"{type(e).__name__}: {e}")
+        shares = fdist.all_gather_object(share, group=self._group)
+        failed = [(rank, msg) for rank, (ok, msg) in enumerate(shares) if not ok]
+        if failed:
+            rank, msg = failed[0]
+            raise CheckpointError(
+                f"checkpoint of step {pending.step} could not be written (rank {rank}: {msg}); the previous "
+                f"complete checkpoint in {self.root} stands. Check free space and permissions there."
+            )
+        final = step_dir(self.root, pending.step)
+        if self.env.is_main:
+            digests = {name: d for _, ds in shares for name, d in ds.items()}
+            finalize(pending.tmp, final, pending.step, digests, self.env.world_size)
+            self.store.published(final, pending.step, digests, self.keep, self.run_dir)
+        fdist.barrier(self._group)
+        if self.env.is_local_leader:
+            self.store.prune(self.keep, done_step=pending.step)
+        return final
+
+    def close(self) -> None:
+        """Complete the checkpoint in flight, if any (call on every rank at the end of a run)."""
+        try:
+            self.finish()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """After an error: no collective, no marker; a write in flight stays an ignored ``.tmp`` folder."""
+        self._pending = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- load
+    def load_newest(self, app_state: dict[str, Any]) -> tuple[Path, dict, dict | None] | None:
+        """Load the newest checkpoint that every rank can read, local or remote; None if there is none.
+
+        A damaged checkpoint (bad checksum, or an error while loading on any rank) is skipped with a
+        warning on every rank alike, and the one before it is tried.
+        """
+        steps = fdist.broadcast_object(self.store.candidates() if self.env.is_main else None)
+        for step in reversed(steps):
+            path = self._fetch(step)
+            if path is None:
+                continue
+            ok, why = verify(path, self.env.rank, self.env.world_size)
+            if not fdist.all_ranks(ok, self.env.device):
+                self._warn_skip(path, why or "damaged on another rank")
+                continue
+            try:
+                trainer_state, rng = load(path, app_state, self.env.rank)
+                ok, why = True, ""
+            except LOAD_ERRORS as e:
+                trainer_state, rng, ok, why = None, None, False, f"{type(e).__name__}: {e}"
+            if fdist.all_ranks(ok, self.env.device):
+                return path, trainer_state, rng
+            self._warn_skip(path, why or "cannot be loaded on another rank")
+        if steps:
+            raise FoundryError(
+                f"none of the checkpoints in {self.store.describe()} (steps {steps}) could be loaded; the warnings "
+                "above say why. Move the damaged ones away, or set autoresume=false to start over."
+            )
+        return None
+
+    def _warn_skip(self, path: Path, why: str) -> None:
+        log.warning(
+            "rank %d: cannot use checkpoint %s (%s); trying the previous one", self.env.rank, path, why
+        )
+
+    def _fetch(self, step: int) -> Path | None:
+        """The local copy of checkpoint `step`, downloaded by each node's first rank if missing."""
+        path = step_dir(self.root, step)
+        ok, why = True, ""
+        if self.env.is_local_leader:
+            try:
+                path = self.store.fetch(step, node_tag=f"node{self.env.node}")
+            except Exception as e:
+                ok, why = False, f"download failed: {e}"
+        fdist.barrier()
+        if not fdist.all_ranks(ok, self.env.device):
+            self._warn_skip(path, why or "download failed on another node")
+            return None
+        return path

@@ -1,0 +1,47 @@
+"""Tokens per second (waiting for data included), the data wait itself, and MFU, per log interval."""
+
+from __future__ import annotations
+
+import math
+
+from foundry.train.callbacks.base import Callback, StepOutcome
+from foundry.train.flops import flops_per_token, peak_flops
+
+
+class Throughput(Callback):
+    """Adds ``tokens_per_s``, ``tokens_per_s_per_device``, ``data_wait_s`` (mean per step) and ``mfu`` to
+    the log record of each log step, over the steps since the previous one.
+
+    The time counted is what the loop waits for data plus the step itself: a starved GPU shows as a
+    large data wait and a low rate, not as a fast step. Evaluation and checkpoint saves are not
+    counted (they are logged by their own callbacks).
+    """
+
+    def __init__(self):
+        self._reset()
+        self._peak = None
+        self._flops = None
+
+    def _reset(self) -> None:
+        self.tokens, self.seconds, self.data_wait, self.steps = 0, 0.0, 0.0, 0
+
+    def on_fit_start(self, trainer) -> None:
+        self._peak = peak_flops(trainer.env.device)
+        model_cfg, n_params = trainer.cfg.model, trainer.n_params
+        self._flops = lambda seq_len: flops_per_token(model_cfg, n_params, seq_len)
+
+    def on_step_end(self, trainer, outcome: StepOutcome) -> None:
+        self.tokens += outcome.tokens
+        self.seconds += outcome.data_wait_s + outcome.step_s
+        self.data_wait += outcome.data_wait_s
+        self.steps += 1
+        if not (trainer.due("log_interval", outcome.phase) or outcome.last):
+            return
+        rate = self.tokens / self.seconds if self.seconds > 0 else math.nan
+        per_device = rate / trainer.env.world_size
+        outcome.metrics["tokens_per_s"] = rate
+        outcome.metrics["tokens_per_s_per_device"] = per_device
+        outcome.metrics["data_wait_s"] = self.data_wait / self.steps
+        if self._peak:
+            outcome.metrics["mfu"] = per_device * self._flops(outcome.phase.seq_len) / self._peak
+        self._reset()
