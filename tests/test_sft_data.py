@@ -390,7 +390,10 @@ def test_bad_records_are_counted_by_reason(tmp_path, tok_dir):
     ]
     path = tmp_path / "bad.jsonl"
     body = "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
-    path.write_bytes(body.encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n\n')
+    # a BOM before the first line is not content; Latin-1 bytes are undecodable; blank lines are no records
+    path.write_bytes(
+        b"\xef\xbb\xbf" + body.encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n\n'
+    )
     sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [lines[-2]])
     result = prepare_sft(
         [*specs(str(path), min_assistant_tokens=3), *specs(f"{sharegpt}:messages_field=conversations")],
@@ -649,6 +652,9 @@ def test_inspect_json_round_trips_and_marks_trained_text(tmp_path, tok_dir):
     records = [{"messages": chat(rng, rng.randint(1, 2))} for _ in range(12)]
     path = write_jsonl(tmp_path / "i.jsonl", records)
     runner = CliRunner()
+    for cmd in ("sft", "inspect"):
+        res = runner.invoke(app, [cmd, "--help"])
+        assert res.exit_code == 0 and "Example" in res.output, res.output
     out = tmp_path / "sft"
     res = runner.invoke(
         app,

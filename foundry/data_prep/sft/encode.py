@@ -83,6 +83,7 @@ def _records(chunk) -> tuple[list, Counter]:
     if isinstance(chunk, JsonLines):
         records = []
         for line in chunk.data.split(b"\n"):
+            line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM is an encoding marker, not JSON
             if not line or line.isspace():
                 continue  # blank lines separate nothing; they are not records
             try:
