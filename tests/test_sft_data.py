@@ -782,3 +782,37 @@ def test_demo_chat_is_real_docstrings(tmp_path, tok_dir):
     result = prepare_sft(specs(str(tmp_path / "demo.jsonl")), sft_opts(tmp_path, tok_dir, seq_len=2048))
     d = result.manifest["datasets"]["demo"]
     assert d["skipped"] == 0 and d["accepted"] == 40
+
+
+def test_a_tokenizer_that_adds_bos_keeps_it_untrained(tmp_path, tok_dir):
+    """Llama-style tokenizers put BOS before every text; ChatML data keeps it, never as a target."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    tok = tmp_path / "bos_tok"
+    shutil.copytree(tok_dir, tok)
+    backend = Tokenizer.from_file(str(tok / "tokenizer.json"))
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    backend.save(str(tok / "tokenizer.json"))
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["bos_token"] = "<s>"
+    config.pop("added_tokens_decoder", None)
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    rng = random.Random(13)
+    records = [{"messages": chat(rng, 2)} for _ in range(6)]
+    path = write_jsonl(tmp_path / "b.jsonl", records)
+    result = prepare_sft(specs(str(path)), sft_opts(tmp_path, tok))
+    hf = hf_tokenizer(result.out / "tokenizer")
+    by_text = {chatml(r["messages"]): r["messages"] for r in records}
+    got = conversations(result.out / "train")
+    assert len(got) == 6
+    for ids, mask in got:
+        assert ids[0] == bos and mask[0] == 0
+        messages = by_text[hf.decode(ids[1:])]
+        assert ids[1:] == hf.apply_chat_template(messages, tokenize=True)  # transformers adds no BOS here
+        assert trained_texts(hf, ids, mask) == [
+            m["content"] + IM_END for m in messages if m["role"] == "assistant"
+        ]

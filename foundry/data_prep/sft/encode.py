@@ -2,7 +2,9 @@
 
 Each record is validated (records.py), rendered with the template (templates.py), tokenized whole
 with offsets, and its mask is built from the assistant spans: a token is an assistant token when its
-characters overlap a reply's span. A conversation longer than seq_len is cut after the last
+characters overlap a reply's span. A token can straddle a span's edge only where the tokenizer merges
+across the template's separator (plain prompts without a trailing newline; never at ChatML's special
+tokens); it then counts as the reply's, so no character of a reply goes unlearned. A conversation longer than seq_len is cut after the last
 assistant turn that fits (too_long="truncate") or dropped (too_long="drop"), and counted either way.
 """
 
