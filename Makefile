@@ -7,7 +7,7 @@ FOUNDRY := $(VENV)/bin/foundry
 STDLIB := $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DEMO := data/demo
 
-.PHONY: install demo demo-data test lint format bench clean
+.PHONY: install demo demo-data demo-tokenizer demo-sft-data test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -19,14 +19,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo-data: install
+demo-tokenizer: install
 	@test -f $(DEMO)/tokenizer/tokenizer.json || $(FOUNDRY) data-prep tokenizer $(STDLIB) --glob '*.py' \
 		--exclude 'site-packages/*' --out $(DEMO)/tokenizer --vocab-size 4096
+
+demo-data: demo-tokenizer
 	$(FOUNDRY) data-prep text $(STDLIB) --glob '*.py' --exclude 'site-packages/*' --out $(DEMO)/stdlib --tokenizer $(DEMO)/tokenizer \
 		--seq-len 512 --val-fraction 0.02 --long-min-tokens 2048 --num-workers 2
 
 demo: demo-data
 	$(FOUNDRY) pretrain yamls/pretrain/tiny-cpu.yaml
+
+# Chat data for finetuning, made offline from the stdlib's docstrings, in ChatML with the demo tokenizer.
+demo-sft-data: demo-tokenizer
+	$(PY) -m foundry.data_prep.demo_chat --stdlib $(STDLIB) --out $(DEMO)/docstrings.jsonl --conversations 3000
+	$(FOUNDRY) data-prep sft $(DEMO)/docstrings.jsonl:val_split=0.05,max_val_set=100 --out $(DEMO)/sft \
+		--tokenizer $(DEMO)/tokenizer --seq-len 512 --num-workers 2
 
 test: install
 	$(PY) -m pytest -q

@@ -7,9 +7,12 @@ from typing import Annotated
 
 import typer
 
+from foundry.cli import data_prep_sft
+
 app = typer.Typer(
-    help="Prepare training data: train a BPE tokenizer, or tokenize text / jsonl / parquet / Hugging Face "
-    "datasets into fixed windows of tokens in MDS shards (with a manifest.json per split).",
+    help="Prepare training data: train a BPE tokenizer, tokenize text / jsonl / parquet / Hugging Face "
+    "datasets into fixed windows of tokens in MDS shards (with a manifest.json per split), prepare chat data "
+    "for finetuning (sft), and look at what was prepared (inspect).",
     no_args_is_help=True,
 )
 
@@ -245,6 +248,10 @@ def hf_cmd(
     source = HFSource(name, subset, split, streaming, limit, cache_dir)
     _prepare(source, out, tokenizer, seq_len, text_field, val_fraction, num_workers, compression,
              long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress)  # fmt: skip
+
+
+app.command("sft")(data_prep_sft.sft_cmd)
+app.command("inspect")(data_prep_sft.inspect_cmd)
 
 
 def main() -> None:

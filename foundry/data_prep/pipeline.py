@@ -10,14 +10,13 @@ the main process little.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-import multiprocessing as mp
 import os
-import sys
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,10 +37,9 @@ from foundry.data_prep.tokenization import (
     Encoded,
     EncodeOptions,
     TokenizerSpec,
-    encode_in_worker,
-    init_worker,
     load_tokenizer_spec,
 )
+from foundry.data_prep.workers import OrderedPool, Progress
 from foundry.data_prep.writer import (
     FORMAT,
     MANIFEST,
@@ -204,110 +202,6 @@ class _Router:
             self.writers["val"].add(*_select(enc, enc.is_val))
 
 
-class _Progress:
-    """A rich progress bar on a terminal; otherwise (batch jobs, pipes) a log line every 30 s."""
-
-    def __init__(self, enabled: bool, total: int | None):
-        self.start = time.perf_counter()
-        self.docs = 0
-        self.tokens = 0
-        self._bar = None
-        self._enabled = enabled
-        self._last_log = self.start
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return
-        self._bar = Progress(
-            TextColumn("[bold]tokenizing"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            console=console,
-        )
-        self._task = self._bar.add_task("tokenizing", total=total, stats="")
-        self._bar.start()
-
-    def update(self, advance: int, docs: int, tokens: int) -> None:
-        self.docs += docs
-        self.tokens += tokens
-        if not self._enabled:
-            return
-        now = time.perf_counter()
-        dt = max(now - self.start, 1e-9)
-        stats = f"{self.docs:,} docs ({self.docs / dt:,.0f}/s)  {self.tokens:,} tokens ({self.tokens / dt:,.0f}/s)"
-        if self._bar is not None:
-            self._bar.update(self._task, advance=advance, stats=stats)
-        elif now - self._last_log > 30:
-            self._last_log = now
-            log.info("tokenized %s", stats)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-class _EncoderPool:
-    """Encodes chunks, yielding results in input order, in num_workers processes (0: in this one)."""
-
-    def __init__(self, spec: TokenizerSpec, options: EncodeOptions, num_workers: int):
-        self.spec, self.options, self.num_workers = spec, options, num_workers
-        self._pool = None
-
-    def __enter__(self) -> _EncoderPool:
-        if self.num_workers == 0:
-            return self
-        from concurrent.futures import ProcessPoolExecutor
-
-        # fork: workers start in milliseconds and share the loaded modules. They are all started here,
-        # before any thread (the progress bar) exists in this process.
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        self._pool = ProcessPoolExecutor(
-            self.num_workers, mp_context=ctx, initializer=init_worker, initargs=(self.spec, self.options)
-        )
-        for f in [self._pool.submit(os.getpid) for _ in range(self.num_workers)]:
-            f.result()
-        return self
-
-    def map(self, chunks: Iterable[Chunk]) -> Iterator[Encoded]:
-        if self._pool is None:
-            yield from map(DocumentEncoder(self.spec, self.options), chunks)
-            return
-        from concurrent.futures.process import BrokenProcessPool
-
-        in_flight: deque = deque()
-        max_in_flight = 2 * self.num_workers + 2  # bounds memory; enough to keep every worker busy
-        try:
-            for chunk in chunks:
-                in_flight.append(self._pool.submit(encode_in_worker, chunk))
-                while len(in_flight) >= max_in_flight:
-                    yield in_flight.popleft().result()
-            while in_flight:
-                yield in_flight.popleft().result()
-        except BrokenProcessPool as e:
-            raise DataError(
-                "a tokenizer worker died (out of memory?); retry with fewer --num-workers or smaller input files"
-            ) from e
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._pool is None:
-            return
-        if exc_type is not None:  # an error or Ctrl-C: don't wait for the chunks in flight
-            processes = (
-                getattr(self._pool, "_processes", None) or {}
-            )  # private; no public way to stop workers
-            for process in list(processes.values()):
-                if process.is_alive():
-                    process.terminate()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _args(source_desc: list, spec: TokenizerSpec, opts: PrepareOptions) -> dict[str, Any]:
     """Everything that determines the output bytes (not num_workers: the output does not depend on it)."""
     return {
@@ -355,8 +249,8 @@ def prepare(source: FileSource | HFSource, opts: PrepareOptions) -> PrepareResul
     progress = None
     try:
         chunks = plan.chunks()
-        with _EncoderPool(spec, enc_opts, num_workers) as pool:
-            progress = _Progress(opts.progress, plan.total)
+        with OrderedPool(functools.partial(DocumentEncoder, spec, enc_opts), num_workers) as pool:
+            progress = Progress(opts.progress, plan.total)
             for enc in pool.map(chunks):
                 skipped.update(enc.skipped)
                 router.add(enc)

@@ -278,25 +278,3 @@ class DocumentEncoder:
         total = int(lengths.sum()) + len(kept)
         tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=total)
         return Encoded(tokens, lengths, np.array(val, dtype=bool), skipped, chunk.nbytes)
-
-
-# The encoder of this worker process, set by the pool initializer: a per-process cache, not shared state.
-_worker_encoder: DocumentEncoder | None = None
-
-
-def init_worker(spec: TokenizerSpec, options: EncodeOptions) -> None:
-    import os
-    import signal
-
-    # Workers are single-threaded: parallelism comes from processes, and a Rust thread pool per
-    # worker would only oversubscribe the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    global _worker_encoder
-    _worker_encoder = DocumentEncoder(spec, options)
-
-
-def encode_in_worker(chunk: Chunk) -> Encoded:
-    assert _worker_encoder is not None, "init_worker was not called in this process"
-    return _worker_encoder(chunk)
