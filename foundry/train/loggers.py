@@ -1,7 +1,8 @@
 """Where metrics go: metrics.jsonl in the run folder, Weights & Biases, and the console.
 
 Every logger takes one flat record per call, ``{"step": int, <name>: number, ...}``. The console
-reads these keys when present: ``loss``, ``lr``, ``tokens_per_s`` (all devices), ``mfu`` (0..1).
+reads these keys when present: ``loss``, ``lr``, ``tokens_per_s`` (all devices), ``mfu`` (0..1),
+``data_wait_s`` (per step).
 Only rank 0 logs: the trainer passes ``enabled=False`` on the other ranks, which makes every call a
 no-op (and never imports wandb there).
 """
@@ -253,6 +254,9 @@ class ProgressBar(Logger):
         mfu = _plain(record.get("mfu"))
         if mfu is not None:
             parts.append(f"MFU {100 * mfu:.1f}%")
+        wait = _plain(record.get("data_wait_s"))
+        if wait is not None:
+            parts.append(f"data wait {1000 * wait:.0f} ms")
         return " | ".join(parts)
 
     def _eta(self, step: int) -> str:
