@@ -212,7 +212,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     log_interval: str = "1ba"
     progress_bar: bool = True
-    compile: bool = False
+    # torch.compile each block. None: on for CUDA (fused norms/activations, the speed the benchmarks
+    # report), off on a CPU (compiling costs more than it saves on small CPU runs).
+    compile: bool | None = None
     device: str = "auto"  # auto | cpu | cuda
     dist_timeout_s: float = 600.0
     model: ModelConfig = field(default_factory=MPTConfig)

@@ -115,10 +115,12 @@ def barrier(group=None) -> None:
 
 
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """For each flag: is it set on any rank? One small all-reduce for all of them."""
+    """For each flag: is it set on any rank? One small all-reduce for all of them (none, and no device
+    round trip, in a single process)."""
+    if not dist.is_initialized():
+        return [bool(f) for f in flags]
     t = torch.tensor([float(f) for f in flags], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
 
 

@@ -101,7 +101,7 @@ class Trainer:
             self.env,
             cfg.fsdp_config,
             self.precision,
-            cfg.compile,
+            cfg.compile if cfg.compile is not None else self.env.device.type == "cuda",
             cfg.seed,
         )
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
