@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -248,3 +249,49 @@ def test_import_refuses_learned_positions_odd_vocab_and_missing_files(tmp_path):
         import_hf(tmp_path / "empty")
     with pytest.raises(FoundryError, match="download"):
         import_hf(tmp_path / "mosaicml/mpt-7b")
+
+
+def test_safetensors_slices_read_by_position_equal_safetensors_own(tmp_path):
+    """foundry's positioned reader (no mmap) against the safetensors library on the same file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from foundry.convert.safetensors_io import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(9, 6, generator=g),
+        "h": torch.randn(5, 4, generator=g).to(torch.bfloat16),
+        "ids": torch.arange(11, dtype=torch.int64),
+        "scale": torch.tensor(0.5),
+    }
+    save_file(tensors, tmp_path / "m.safetensors")
+    ours = SafetensorsFile(tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as theirs:
+        assert sorted(ours.names()) == sorted(theirs.keys())
+        for name in tensors:
+            assert torch.equal(ours.read(name), theirs.get_tensor(name)), name
+        for region in [(slice(0, 4), slice(0, 6)), (slice(3, 9), slice(2, 5)), (slice(8, 9), slice(0, 1))]:
+            assert torch.equal(ours.read("w", region), theirs.get_slice("w")[region])
+        assert torch.equal(ours.read("ids", (slice(4, 11),)), theirs.get_slice("ids")[4:11])
+    ours.close()
+
+
+def test_load_path_from_a_sharded_hf_folder_fills_the_model(tmp_path):
+    """load_hf_into (what `load_path=HF_DIR` runs) on a folder split into several shards: every tensor
+    equals the exported model's; a folder of another architecture is refused with the setting named."""
+    from foundry.convert.hf import load_hf_into
+    from foundry.errors import FoundryError
+
+    cfg = tiny_cfg()
+    cfg.vocab_size = 128
+    source = build_model(cfg, seed=5)
+    export_hf(source.state_dict(), cfg, 128, tmp_path / "hf", max_shard_bytes=20_000)
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
+    target = build_model(cfg, seed=6)
+    load_hf_into(target, tmp_path / "hf")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], tensor), name
+    other = build_model(dataclasses.replace(cfg, n_layers=3), seed=6)
+    with pytest.raises(FoundryError, match="model.n_layers: 3 in the run, 2 in"):
+        load_hf_into(other, tmp_path / "hf")

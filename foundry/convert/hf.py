@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from foundry.config.model import ModelConfig
+from foundry.convert.safetensors_io import SafetensorsFile
 from foundry.errors import FoundryError
 from foundry.models.build import build_model
 from foundry.models.mpt import hf as mpt_hf
@@ -299,10 +300,9 @@ def _tensor_index(path: Path) -> dict[str, str]:
         raise FoundryError(f"{path} holds no weights: expected one of {', '.join(_WEIGHT_FILES)}")
     if not name.endswith(".index.json"):
         if name.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path / name, framework="pt") as f:
-                return dict.fromkeys(f.keys(), name)
+            f = SafetensorsFile(path / name)
+            f.close()
+            return dict.fromkeys(f.names(), name)
         return dict.fromkeys(_load_file(path / name), name)
     weight_map = json.loads((path / name).read_text())["weight_map"]
     missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
@@ -312,7 +312,8 @@ def _tensor_index(path: Path) -> dict[str, str]:
 
 
 class _TensorReader:
-    """Slices of tensors from safetensors (read lazily) or .bin files (memory-mapped), files kept open."""
+    """Slices of tensors from safetensors files (positioned reads of the rows asked for) or .bin files
+    (memory-mapped by torch.load), each file opened once."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -323,32 +324,23 @@ class _TensorReader:
 
     def __exit__(self, *exc):
         for handle in self._open.values():
-            if hasattr(handle, "__exit__"):
-                handle.__exit__(None, None, None)
+            if isinstance(handle, SafetensorsFile):
+                handle.close()
         self._open.clear()
 
     def _file(self, file: str):
         if file not in self._open:
-            if file.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                handle = safe_open(self.path / file, framework="pt")
-                self._open[file] = handle.__enter__()
-            else:
-                self._open[file] = _load_file(self.path / file)
+            is_st = file.endswith(".safetensors")
+            self._open[file] = SafetensorsFile(self.path / file) if is_st else _load_file(self.path / file)
         return self._open[file]
 
     def shape(self, file: str, name: str) -> tuple[int, ...]:
         handle = self._file(file)
-        if isinstance(handle, dict):
-            return tuple(handle[name].shape)
-        return tuple(handle.get_slice(name).get_shape())
+        return tuple(handle[name].shape) if isinstance(handle, dict) else handle.shape(name)
 
     def read(self, file: str, name: str, region: tuple[slice, ...]) -> torch.Tensor:
         handle = self._file(file)
-        if isinstance(handle, dict):
-            return handle[name][region]
-        return handle.get_slice(name)[region]
+        return handle[name][region] if isinstance(handle, dict) else handle.read(name, region)
 
 
 # --- shared -----------------------------------------------------------------------------------------------
