@@ -22,6 +22,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def foundry(capsys, monkeypatch):
+    """`foundry ARGS...` in this process (torch is imported once, not per call): (exit code, stdout, stderr)."""
+    from foundry.cli.common import run_guarded
+    from foundry.cli.main import app
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("COLUMNS", "300")
+
+    def run(*argv: str, env: dict | None = None) -> tuple[int, str, str]:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            run_guarded(app, list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
 def fake_slurm(tmp_path):
     """sbatch/scontrol/scancel that log their arguments; sbatch answers job id 4242, scontrol RUNNING."""
     bin_dir = tmp_path / "fake-bin"
@@ -59,13 +83,13 @@ def test_dry_run_prints_the_script_with_sbatch_lines_srun_and_torchrun(cli):
     assert not (ROOT / "runs" / "tiny-cpu" / "slurm" / "job.sbatch").exists()
 
 
-def test_dry_run_of_a_cpu_run_uses_the_profile_and_is_valid_bash(cli, tiny_run, tmp_path):
+def test_dry_run_of_a_cpu_run_uses_the_profile_and_is_valid_bash(foundry, tiny_run, tmp_path):
     config = tiny_run()
-    result = cli("submit", str(config), "--cluster", "local", "--dry-run", f"save_folder={tmp_path / 'run'}",
-                 "cluster.env.FOO=bar baz", "--time", "10:00")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "refused" not in result.stderr  # a run that would be accepted
-    script = result.stdout.split("----\n", 1)[1].split("# submit with:")[0]
+    code, out, err = foundry("submit", str(config), "--cluster", "local", "--dry-run", f"save_folder={tmp_path / 'run'}",
+                             "cluster.env.FOO=bar baz", "--time", "10:00")  # fmt: skip
+    assert code == 0, err
+    assert "refused" not in err  # a run that would be accepted
+    script = out.split("----\n", 1)[1].split("# submit with:")[0]
     assert "--gpus-per-node" not in script and "--nproc-per-node=2" in script
     assert "#SBATCH --cpus-per-task=2" in script and "--cpus-per-task=2 " in script  # sbatch and srun
     assert "#SBATCH --time=10:00" in script and "#SBATCH --signal=B:USR1@60" in script
@@ -73,6 +97,7 @@ def test_dry_run_of_a_cpu_run_uses_the_profile_and_is_valid_bash(cli, tiny_run, 
     assert f"#SBATCH --output={tmp_path / 'run' / 'slurm'}/job-%j.out" in script
     check = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert check.returncode == 0, check.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -85,14 +110,15 @@ def test_dry_run_of_a_cpu_run_uses_the_profile_and_is_valid_bash(cli, tiny_run, 
         (["--verb", "finetune"], "load_path"),
     ],
 )
-def test_bad_config_exits_2_names_the_key_and_queues_nothing(cli, tiny_run, fake_slurm, tmp_path, args, key):
+def test_bad_config_exits_2_names_the_key_and_queues_nothing(
+    foundry, tiny_run, fake_slurm, tmp_path, args, key
+):
     env, calls = fake_slurm
     run = tmp_path / "run"
-    result = cli(
-        "submit", str(tiny_run()), "--cluster", "local", "--nodes", "2", f"save_folder={run}", *args, env=env
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert key in result.stderr
+    code, out, err = foundry("submit", str(tiny_run()), "--cluster", "local", "--nodes", "2", f"save_folder={run}", *args,
+                             env=env)  # fmt: skip
+    assert code == 2, out + err
+    assert key in err
     assert calls() == []  # sbatch never ran
     assert not run.exists()
 
@@ -106,13 +132,15 @@ def test_pretrain_and_submit_refuse_a_bad_key_alike(cli, tiny_run):
     assert "did you mean optimizer.lr" in submitted.stderr
 
 
-def test_submit_writes_the_script_records_the_job_and_refuses_a_second(cli, tiny_run, fake_slurm, tmp_path):
+def test_submit_writes_the_script_records_the_job_and_refuses_a_second(
+    foundry, tiny_run, fake_slurm, tmp_path
+):
     env, calls = fake_slurm
     run = tmp_path / "run"
     config = str(tiny_run())
-    result = cli("submit", config, "--cluster", "local", f"save_folder={run}", env=env)
-    assert result.returncode == 0, result.stderr
-    assert "submitted train job 4242" in result.stdout and f"foundry jobs {run}" in result.stdout
+    code, out, err = foundry("submit", config, "--cluster", "local", f"save_folder={run}", env=env)
+    assert code == 0, err
+    assert "submitted train job 4242" in out and f"foundry jobs {run}" in out
     script = run / "slurm" / "job.sbatch"
     assert script.is_file() and os.access(script, os.X_OK)
     assert calls() == [f"sbatch --parsable {script}"]
@@ -121,18 +149,20 @@ def test_submit_writes_the_script_records_the_job_and_refuses_a_second(cli, tiny
     events = [json.loads(line) for line in (run / "slurm" / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["submit"]
 
-    again = cli("submit", config, "--cluster", "local", f"save_folder={run}", env=env)  # 4242 is RUNNING
-    assert again.returncode == 1 and "already has jobs queued or running: 4242 (RUNNING)" in again.stderr
+    code, out, err = foundry(
+        "submit", config, "--cluster", "local", f"save_folder={run}", env=env
+    )  # 4242 runs
+    assert code == 1 and "already has jobs queued or running: 4242 (RUNNING)" in err
     assert sum(c.startswith("sbatch") for c in calls()) == 1
 
-    cancelled = cli("cancel", str(run), env=env)
-    assert cancelled.returncode == 0 and "cancelled 4242" in cancelled.stdout
+    code, out, err = foundry("cancel", str(run), env=env)
+    assert code == 0 and "cancelled 4242" in out
     assert calls()[-1] == "scancel 4242"
     events = [json.loads(line) for line in (run / "slurm" / "events.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "cancel"
 
 
-def test_data_prep_dry_run_is_an_array_and_a_dependent_merge(cli, tmp_path):
+def test_data_prep_dry_run_is_an_array_and_a_dependent_merge(foundry, tmp_path):
     from test_data_prep import write_corpus
 
     from foundry.data_prep import TokenizerTrainOptions, train_tokenizer
@@ -142,15 +172,17 @@ def test_data_prep_dry_run_is_an_array_and_a_dependent_merge(cli, tmp_path):
     tok = tmp_path / "tok"
     train_tokenizer([str(corpus)], TokenizerTrainOptions(out=tok, vocab_size=300, progress=False))
     out = tmp_path / "mds"
-    result = cli("submit", "data-prep", "text", str(corpus), "-o", str(out), "-t", str(tok), "--seq-len", "16",
-                 "--tasks", "3", "--cluster", "local", "--dry-run")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    prep, merge = result.stdout.split("# ---- ")[1:]
+    code, stdout, err = foundry("submit", "data-prep", "text", str(corpus), "-o", str(out), "-t", str(tok),
+                                "--seq-len", "16", "--tasks", "3", "--cluster", "local", "--dry-run")  # fmt: skip
+    assert code == 0, err
+    prep, merge = stdout.split("# ---- ")[1:]
     assert "#SBATCH --array=0-2" in prep and '--index "${SLURM_ARRAY_TASK_ID}"' in prep
     assert "data-prep part" in prep and "#SBATCH --cpus-per-task=1" in prep and "--num-workers 1" in prep
     assert "data-prep merge" in merge and "sbatch --parsable --dependency=afterok:<job id" in merge
-    assert "3 tasks over" in result.stdout
+    assert "3 tasks over" in stdout
     assert not (tmp_path / "mds.slurm").exists() and not out.exists()
+    code, _, err = foundry("submit", "data-prep", "text", str(corpus), "-o", str(out), "--bogus", "--dry-run")
+    assert code == 2 and "No such option: --bogus" in err
 
 
 def test_cluster_profiles_validate_like_configs(tmp_path):
@@ -185,7 +217,7 @@ def test_cluster_profiles_validate_like_configs(tmp_path):
         (dict(exit_code=1, signal="none", finished=False), "requeue", "exited with code 1"),
         (dict(exit_code=1, signal="none", finished=False, restart=3), "stop", "no restarts left"),
         (dict(exit_code=2, signal="none", finished=False), "stop", "configuration was refused"),
-        (dict(exit_code=1, signal="TERM", finished=False, restarts_now=1), "stop", SLURM_REQUEUED),
+        (dict(exit_code=1, signal="TERM", finished=False, restarts_now=1), "requeued", SLURM_REQUEUED),
         (
             dict(exit_code=1, signal="TERM", finished=False, restarts_now=0, runtime_s=40, limit_s=600),
             "stop",

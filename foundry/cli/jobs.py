@@ -54,6 +54,8 @@ def run_report(job_dir: Path) -> dict:
     if jobs and not scheduler.unavailable():
         states = {k: vars(v) for k, v in scheduler.status([j["job_id"] for j in jobs]).items()}
     report = {"job_dir": str(job_dir), "jobs": jobs, "states": states, "events": events}
+    endings = [e for e in events if e.get("event") in ("end", "stop", "requeue", "requeued")]
+    report["last_outcome"] = endings[-1] if endings else None
     restarts = [e for e in events if e.get("event") == "start" and e.get("restart")]
     report["restarts"] = [
         {"restart": e["restart"], "reason": e.get("reason"), "time": e["time"]} for e in restarts
@@ -88,6 +90,10 @@ def _print_report(r: dict) -> None:
             extra = [f"restarts {s['restarts']}" if s.get("restarts") else "", s.get("reason") or "",
                      f"on {s['nodes']}" if s.get("nodes") else "", f"ran {s['elapsed']}" if s.get("elapsed") else ""]  # fmt: skip
             typer.echo(f"  {key:<14} {s['state']:<12} " + "  ".join(x for x in extra if x))
+    last = r.get("last_outcome")
+    if last:
+        at = f" after step {last['step']}" if last.get("step") is not None else ""
+        typer.echo(f"last outcome: {last['event']}{at} at {last['time']}: {last.get('reason', '')}")
     if r["restarts"]:
         typer.echo(f"restarts: {len(r['restarts'])}")
         for x in r["restarts"]:

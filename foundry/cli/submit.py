@@ -59,6 +59,8 @@ def submit_training(config: Path, args: list[str], *, nodes: int, verb: str | No
         raise ConfigError("--tasks splits data-prep inputs; a training run uses --nodes", "--tasks")
     flags.pop("tasks", None)
     overrides, cluster_overrides = _split_overrides(list(args))
+    if flags.get("gpus_per_node") and flags.get("procs_per_node") is None:
+        cluster_overrides.append("cluster.procs_per_node=")  # --gpus-per-node G alone: one rank per GPU
     profile = _profile(cluster, cluster_overrides, config, **flags)
     if nodes < 1:
         raise ConfigError(f"must be >= 1, got {nodes}", "--nodes")

@@ -30,7 +30,7 @@ SLURM_REQUEUED = "requeued by SLURM (a failed node, preemption, or `scontrol req
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "finished" | "requeue" | "stop"
+    action: str  # "finished" | "requeue" (we requeue) | "requeued" (SLURM did) | "stop"
     reason: str
     exit_code: int = 0
 
@@ -54,7 +54,7 @@ def decide(
     if cancelled:
         return Decision("stop", "cancelled with `foundry cancel`", exit_code or 1)
     if restarts_now is not None and restarts_now > restart:
-        return Decision("stop", SLURM_REQUEUED, 0)  # SLURM starts it again by itself; the next start logs it
+        return Decision("requeued", SLURM_REQUEUED, 0)  # SLURM starts it again by itself
     if signal == "USR1":
         why = "the time limit is near: checkpointed on SIGUSR1"
         if exit_code != 0:
@@ -187,8 +187,8 @@ def end(job_dir: Path, run_dir: Path, exit_code: int, signal: str, max_restarts:
     fields = dict(job_id=job_id, restart=restart, exit_code=exit_code, signal=signal, step=step)
     if decision.action == "requeue":
         fields["restart"] = restart + 1  # the restart this requeue starts
-    log_event(job_dir, {"finished": "end", "requeue": "requeue", "stop": "stop"}[decision.action],
-              reason=decision.reason, **fields)  # fmt: skip
+    event = "end" if decision.action == "finished" else decision.action
+    log_event(job_dir, event, reason=decision.reason, **fields)
     print(f"foundry: {decision.action} after step {step}: {decision.reason}")
     if decision.action == "requeue":
         sys.stdout.flush()
