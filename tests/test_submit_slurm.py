@@ -23,8 +23,11 @@ from conftest import DIST_STEPS, last_logged_step, logged_losses, read_metrics, 
 def _slurm_missing() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch not found: install slurm-wlm and start it with `bash .ci/slurm.sh up DIR`"
+    conf = os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+    if not os.path.isfile(conf):
+        return f"no SLURM config at {conf}: `bash .ci/slurm.sh up DIR` and export SLURM_CONF=DIR/slurm.conf"
     try:
-        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
     except subprocess.TimeoutExpired:
         return "sinfo timed out: no SLURM controller answers"
     if done.returncode != 0 or not done.stdout.strip():

@@ -46,8 +46,9 @@ def merge_cmd(
         bool, typer.Option("--keep-parts", help="Keep OUT.slurm/parts/ after a successful merge.")
     ] = False,
 ) -> None:
-    """Merge the parts of a data-prep array into one dataset: the same windows, shards and manifest as
-    one local run of the same command (what the array's dependent merge job runs).
+    """Merge a data-prep array's parts into one dataset (the array's last job).
+
+    The result has the same windows, shards and manifest as one local run of the same command.
 
     Example: foundry data-prep merge data/mds/c4.slurm
     """

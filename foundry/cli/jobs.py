@@ -157,8 +157,9 @@ def jobs_cmd(
 
 
 def cancel_cmd(run: str = RunArg) -> None:
-    """Cancel a run's queued and running jobs; it is not requeued. Its checkpoints stay: submit the
-    same command again to continue from the newest.
+    """Cancel a run's queued and running jobs for good (they are not requeued).
+
+    Its checkpoints stay: submit the same command again to continue from the newest.
 
     Examples:
 
