@@ -132,13 +132,13 @@ def jobs_cmd(
       foundry jobs data/mds/c4 --json
     """
     if run is None:
-        from foundry.launch.slurm import Slurm
+        from foundry.launch.scheduler import get_scheduler
 
-        slurm = Slurm()
-        why = slurm.unavailable()
+        scheduler = get_scheduler("slurm")  # the one there is; `foundry jobs RUN` reads the run's own
+        why = scheduler.unavailable()
         if why:
             raise FoundryError(why)
-        rows = slurm.queue()
+        rows = scheduler.queue()
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return

@@ -14,7 +14,7 @@ from typing import Any
 
 from foundry.errors import ConfigError
 
-SCHEDULERS = ("slurm",)
+SCHEDULERS = ("slurm",)  # foundry.launch.scheduler.get_scheduler knows each
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # SLURM's: minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 _MEM = re.compile(r"^\d+[KMGT]?$")
 

@@ -3,7 +3,7 @@
 `JobSpec` says what to run and on what; a `Scheduler` turns it into its own script (written into the
 run directory, for a person to read), submits it, reports job states and cancels. SLURM is
 `foundry.launch.slurm`; another scheduler (a Kubernetes PyTorchJob, a cloud batch service) is one more
-module with these four methods, registered in `SCHEDULERS`.
+module with these methods, named in `get_scheduler` (and in cluster profiles' `scheduler:`).
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ class Scheduler(Protocol):
         """States of these jobs (array jobs: one entry per task, keyed "ID_TASK")."""
 
     def cancel(self, job_ids: list[str]) -> None: ...
+
+    def queue(self) -> list[dict[str, str]]:
+        """This user's foundry jobs waiting or running: job_id, state, name, time, where, job_dir."""
 
 
 def get_scheduler(name: str) -> Scheduler:
