@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from foundry.cli import convert, evaluate, plan, train_cmds
+from foundry.cli import convert, evaluate, jobs, plan, submit, train_cmds
 from foundry.cli.common import run_guarded
 
 app = typer.Typer(
@@ -23,11 +23,16 @@ app.command("finetune", context_settings=_EXTRA)(train_cmds.finetune)
 app.command("eval", context_settings=_EXTRA)(evaluate.eval_cmd)
 app.command("plan", context_settings=_EXTRA)(plan.plan)
 app.add_typer(convert.app, name="convert")
+app.command("submit", context_settings=_EXTRA)(submit.submit)
+app.command("jobs")(jobs.jobs_cmd)
+app.command("cancel")(jobs.cancel_cmd)
 
 
 def _add_data_prep() -> None:
-    from foundry.cli import data_prep
+    from foundry.cli import data_prep, data_prep_array
 
+    data_prep.app.command("part", hidden=True)(data_prep_array.part_cmd)
+    data_prep.app.command("merge")(data_prep_array.merge_cmd)
     app.add_typer(data_prep.app, name="data-prep")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,9 +62,19 @@ def load_hf_dataset(source: HFSource):
         ) from e
 
 
-def iter_hf_chunks(source: HFSource, text_field: str) -> tuple[Iterator[Texts], int | None]:
-    """Chunks of the text column and the number of rows when known (for the progress bar)."""
+def iter_hf_chunks(
+    source: HFSource, text_field: str, rows: tuple[int, int] | None = None
+) -> tuple[Iterator[Texts], int | None]:
+    """Chunks of the text column and the number of rows when known (for the progress bar).
+    rows: only rows [start, stop) of a map-style dataset, numbered as in the whole (a data-prep array task)."""
     dataset = load_hf_dataset(source)
+    first_row = 0
+    if rows is not None:
+        if source.streaming:
+            raise DataError("a row range needs a map-style dataset: drop --streaming")
+        first_row = rows[0]
+        dataset = dataset.select(range(*rows))
+        source = dataclasses.replace(source, limit=None)
     columns = getattr(dataset, "column_names", None)
     if columns is not None and text_field not in columns:
         raise DataError(
@@ -79,7 +90,7 @@ def iter_hf_chunks(source: HFSource, text_field: str) -> tuple[Iterator[Texts], 
 
     def chunks() -> Iterator[Texts]:
         ident = source.identity()
-        row = 0
+        row = first_row
         texts: list = []
         text_bytes = 0
         for batch in dataset.iter(batch_size=256):

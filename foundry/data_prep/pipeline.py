@@ -166,16 +166,22 @@ def _select(enc: Encoded, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return enc.tokens[token_mask], enc.lengths[mask]
 
 
+def split_names(opts: PrepareOptions) -> list[str]:
+    names = ["baseline", "long"] if opts.long_min_tokens else ["train"]
+    if opts.val_fraction > 0:
+        names.append("val")
+    return names
+
+
 class _Router:
     """Sends each chunk's documents to the splits they belong to."""
 
-    def __init__(self, root: Path, opts: PrepareOptions):
+    def __init__(self, root: Path, opts: PrepareOptions, writer=None):
+        """writer(folder, split): a split's writer; default: MDS windows (SplitWriter)."""
         compression = None if opts.compression == "none" else opts.compression
-        names = ["baseline", "long"] if opts.long_min_tokens else ["train"]
-        if opts.val_fraction > 0:
-            names.append("val")
-        self.main = names[0]  # train, or baseline with a long split
-        self.writers = {n: SplitWriter(root / n, n, opts.seq_len, compression) for n in names}
+        self.main = split_names(opts)[0]  # train, or baseline with a long split
+        make = writer or (lambda folder, name: SplitWriter(folder, name, opts.seq_len, compression))
+        self.writers = {n: make(root / n, n) for n in split_names(opts)}
         self.long_min = opts.long_min_tokens
 
     @property
@@ -229,22 +235,41 @@ def prepare(source: FileSource | HFSource, opts: PrepareOptions) -> PrepareResul
     args_fp = fingerprint(args)
 
     output = AtomicOutput(opts.out)
+    done = check_existing(output, args_fp, opts.overwrite)
+    if done is not None:
+        return done
+
+    output.clean_stale()
+    tmp = output.begin()
+    router = _Router(tmp, opts)
+    try:
+        skipped = tokenize_into(router, plan, spec, opts)
+        return _finish(router, output, spec, plan, skipped, args, args_fp, opts, start)
+    except BaseException:
+        output.abort()
+        raise
+
+
+def check_existing(output: AtomicOutput, args_fp: str, overwrite: bool) -> PrepareResult | None:
+    """A finished output with these arguments (returned as already prepared), or nothing in the way;
+    anything else in the way is refused unless overwrite."""
     state = output.existing_state(args_fp)
-    if state == "same" and not opts.overwrite:
+    if state == "same" and not overwrite:
         return PrepareResult(output.out, "already_prepared", read_manifest(output.out) or {})
-    if state in ("different", "foreign") and not opts.overwrite:
+    if state in ("different", "foreign") and not overwrite:
         why = (
             "was prepared with different arguments or input files"
             if state == "different"
             else "exists and is not a finished foundry dataset"
         )
         raise DataError(f"{output.out} {why}; pass --overwrite to replace it, or choose another --out")
+    return None
 
-    output.clean_stale()
-    tmp = output.begin()
+
+def tokenize_into(router, plan, spec: TokenizerSpec, opts: PrepareOptions) -> Counter:
+    """Every chunk of `plan`, tokenized in input order, into the router's split writers; the skip counts."""
     num_workers = default_num_workers() if opts.num_workers is None else opts.num_workers
     enc_opts = EncodeOptions(opts.text_field, opts.val_fraction, opts.seed, opts.min_tokens, opts.max_tokens)
-    router = _Router(tmp, opts)
     skipped = plan.skipped
     progress = None
     try:
@@ -255,13 +280,10 @@ def prepare(source: FileSource | HFSource, opts: PrepareOptions) -> PrepareResul
                 skipped.update(enc.skipped)
                 router.add(enc)
                 progress.update(enc.nbytes, len(enc.lengths), len(enc.tokens))
-        progress.close()
-        return _finish(router, output, spec, plan, skipped, args, args_fp, opts, start)
-    except BaseException:
+    finally:
         if progress is not None:
             progress.close()
-        output.abort()
-        raise
+    return skipped
 
 
 def _finish(router, output, spec, plan, skipped, args, args_fp, opts, start) -> PrepareResult:

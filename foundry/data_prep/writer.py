@@ -70,6 +70,10 @@ class SplitWriter:
         self.documents += len(lengths)
         self.doc_tokens += len(tokens)
         self.histogram.update(length_histogram(lengths))
+        self.add_tokens(tokens)
+
+    def add_tokens(self, tokens: np.ndarray) -> None:
+        """Continue the split's token stream; the documents are counted by the caller (a merge of parts)."""
         self._pending.append(tokens)
         self._pending_len += len(tokens)
         if self._pending_len < self.window_len:
