@@ -36,7 +36,7 @@ def _scheduler(job_dir: Path):
 
 
 def _newest_checkpoint(run_dir: Path) -> dict | None:
-    from foundry.train import checkpoint as ckpt
+    from foundry import checkpoint as ckpt
 
     found = ckpt.list_complete(run_dir / ckpt.CHECKPOINTS, quiet=True)
     return {"path": str(found[-1]), "step": ckpt.step_of(found[-1])} if found else None
