@@ -219,9 +219,9 @@ def test_eval_loss_of_packed_and_unpacked_data_is_the_same(tmp_path, tok_dir):
 def test_loss_on_assistant_tokens_only_goes_to_zero_with_noise_prompts(tmp_path, tok_dir):
     """User turns are random words, replies always the same: with the default mask the loss falls to ~0;
     learning every token (--mask all) it cannot, the noise stays unpredictable."""
-    from foundry.train.trainer import train
-
     import math
+
+    from foundry.train.trainer import train
 
     records = noise_chats(300, 6)
     finals, floors = {}, {}
@@ -242,6 +242,23 @@ def test_loss_on_assistant_tokens_only_goes_to_zero_with_noise_prompts(tmp_path,
         )
     assert finals["assistant"] < 0.05, finals
     assert floors["all"] > 1.5 and finals["all"] > 0.8 * floors["all"], (finals, floors)
+
+
+def test_sft_run_resumes_exactly(tmp_path, tok_dir):
+    """Stopped after 4 steps and continued to 8, an SFT run trains on the same batches with the same losses
+    as one that never stopped (fixed windows: the loader's position is a window count)."""
+    from foundry.train.trainer import train
+
+    data = prepare(tmp_path, tok_dir, "chats", noise_chats(120, 7))
+    config = sft_config(tmp_path, data, steps=8)
+    train(load_config(config, [f"save_folder={tmp_path / 'whole'}"]))
+    split = [f"save_folder={tmp_path / 'split'}", "save_interval=4ba"]
+    train(load_config(config, [*split, "max_duration=4ba"]))
+    train(load_config(config, split))
+    whole = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "whole") if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "split") if "loss" in r}
+    assert sorted(resumed) == list(range(1, 9))
+    assert resumed == pytest.approx(whole, abs=1e-6)
 
 
 # ---------------------------------------------------------------- the recipes
@@ -345,16 +362,18 @@ def test_tiny_sft_cpu_finetune_generate_and_export(tmp_path, cli):
             stdlib, 120, seed=0, modules=("json", "textwrap", "shlex", "fnmatch", "glob")
         ):
             f.write(json.dumps(c) + "\n")
-    data = tmp_path / "sft"
-    result = cli("data-prep", "sft", f"{chats}:val_split=0.1,max_val_set=10", "--out", str(data), "--tokenizer", str(tok),
-                 "--seq-len", "512", "--num-workers", "0")  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    data = (
+        tmp_path / "sft"
+    )  # as `foundry data-prep sft CHATS:val_split=0.1,max_val_set=10 --seq-len 512` writes it
+    specs = parse_datasets([f"{chats}:val_split=0.1,max_val_set=10"], DatasetSpec(input=""))
+    prepare_sft(specs, SFTOptions(out=data, tokenizer=str(tok), seq_len=512, num_workers=0, progress=False))
 
     ft = tmp_path / "ft"
     result = cli(
         "finetune", "yamls/finetune/tiny-sft-cpu.yaml", f"load_path={run}", f"data.streams.sft.local={data}",
         f"save_folder={ft}", "max_duration=4ba", "eval_interval=2ba", "global_train_batch_size=4",
-        "device_train_microbatch_size=2", "device_eval_batch_size=4", "progress_bar=false",
+        "device_train_microbatch_size=2", "device_eval_batch_size=4", "progress_bar=false", "log_interval=1ba",
+        env={"COLUMNS": "500"},  # rich wraps log lines at the terminal's width
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = result.stdout + result.stderr

@@ -32,8 +32,10 @@ def _sft_splits(stream: StreamConfig) -> list[str] | None:
         manifest = json.loads((Path(stream.local) / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    splits = manifest.get("splits") if isinstance(manifest, dict) else None
-    if manifest.get("kind") != SFT_KIND or not isinstance(splits, dict) or TRAIN_SPLIT not in splits:
+    if not isinstance(manifest, dict) or manifest.get("kind") != SFT_KIND:
+        return None
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or TRAIN_SPLIT not in splits:
         return None
     return list(splits)
 
