@@ -109,6 +109,27 @@ def plan_rows(cfg: TrainConfig) -> list[PhaseRow]:
     return _phase_rows(cfg, make_plan(cfg))
 
 
+def _stream_json(s: SourceRow) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": s.name,
+        "tokens_in_source": s.tokens_in_source,
+        "proportion": s.proportion,
+        "effective_tokens": s.effective_tokens,
+        "epochs": s.epochs,
+    }
+    if s.datasets:  # an SFT stream: the datasets packed into it
+        out["datasets"] = [
+            {
+                "name": d.name,
+                "tokens_in_source": d.tokens_in_source,
+                "effective_tokens": d.effective_tokens,
+                "epochs": d.epochs,
+            }
+            for d in s.datasets
+        ]
+    return out
+
+
 def plan_json(cfg: TrainConfig) -> dict[str, Any]:
     """The plan as one JSON-ready object: proportions as fractions of 1, token counts as plain numbers."""
     return {
@@ -118,25 +139,7 @@ def plan_json(cfg: TrainConfig) -> dict[str, Any]:
                 "max_seq_len": p.max_seq_len,
                 "tokens": p.tokens,
                 "steps": p.steps,
-                "streams": [
-                    {
-                        "name": s.name,
-                        "tokens_in_source": s.tokens_in_source,
-                        "proportion": s.proportion,
-                        "effective_tokens": s.effective_tokens,
-                        "epochs": s.epochs,
-                        "datasets": [
-                            {
-                                "name": d.name,
-                                "tokens_in_source": d.tokens_in_source,
-                                "effective_tokens": d.effective_tokens,
-                                "epochs": d.epochs,
-                            }
-                            for d in s.datasets
-                        ],
-                    }
-                    for s in p.sources
-                ],
+                "streams": [_stream_json(s) for s in p.sources],
             }
             for p in plan_rows(cfg)
         ]
