@@ -7,7 +7,7 @@ FOUNDRY := $(VENV)/bin/foundry
 STDLIB := $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DEMO := data/demo
 
-.PHONY: install demo demo-data demo-tokenizer demo-sft-data test lint format bench clean
+.PHONY: install demo demo-data demo-tokenizer demo-sft-data demo-sft test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ demo-sft-data: demo-tokenizer
 	$(PY) -m foundry.data_prep.demo_chat --stdlib $(STDLIB) --out $(DEMO)/docstrings.jsonl --conversations 3000
 	$(FOUNDRY) data-prep sft $(DEMO)/docstrings.jsonl:val_split=0.05,max_val_set=100 --out $(DEMO)/sft \
 		--tokenizer $(DEMO)/tokenizer --seq-len 512 --num-workers 2
+
+# Finetune the demo's pretrained model (runs/tiny-cpu, from `make demo`, made first if missing) on the
+# docstring chats, then ask it a question.
+demo-sft: demo-sft-data
+	@test -d runs/tiny-cpu/checkpoints || $(MAKE) demo
+	$(FOUNDRY) finetune yamls/finetune/tiny-sft-cpu.yaml load_path=runs/tiny-cpu data.streams.sft.local=$(DEMO)/sft
+	$(FOUNDRY) generate runs/tiny-sft-cpu --chat --prompt 'What does `json.dumps` do?' --max-new-tokens 60
 
 test: install
 	$(PY) -m pytest -q

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import read_metrics
 
-VERBS = ["pretrain", "finetune", "eval", "plan", "convert", "data-prep"]
+VERBS = ["pretrain", "finetune", "eval", "generate", "plan", "convert", "data-prep"]
 
 
 def test_help_lists_verbs(cli):
@@ -26,6 +26,7 @@ def test_help_lists_verbs(cli):
         ["pretrain"],
         ["finetune"],
         ["eval"],
+        ["generate"],
         ["plan"],
         ["convert", "to-hf"],
         ["convert", "from-hf"],

@@ -24,8 +24,8 @@ def _profile(cluster, cluster_overrides, config, **flags):
 
 def _check_world(cfg, world: int) -> None:
     """The batch must split over the job's ranks: a 64-node job should not fail after a day in the queue."""
-    from foundry.data.geometry import check_batch_split
     from foundry.config.plan import make_plan
+    from foundry.data.geometry import check_batch_split
 
     for phase in make_plan(cfg).phases:
         check_batch_split(phase.global_batch_rows, cfg.device_train_microbatch_size, world)
@@ -50,10 +50,10 @@ def _announce(submitted, job_dir: Path, follow: str) -> None:
 
 def submit_training(config: Path, args: list[str], *, nodes: int, verb: str | None, cluster: str | None,
                     dry_run: bool, argv: list[str], **flags) -> None:  # fmt: skip
+    from foundry.checkpoint import storage as remote
     from foundry.config.load import load_config
     from foundry.launch.scheduler import get_scheduler
     from foundry.launch.submit import refuse_if_active, submit_jobs, train_job
-    from foundry.checkpoint import storage as remote
 
     if flags.get("tasks") is not None:
         raise ConfigError("--tasks splits data-prep inputs; a training run uses --nodes", "--tasks")

@@ -19,7 +19,7 @@ def summed_loss(model, batches, *, device: torch.device, precision: str, max_bat
 
     Sums, not a mean, so ranks (and callers) combine them exactly.
     """
-    from foundry.data.batches import IGNORE_INDEX
+    from foundry.data.batches import IGNORE_INDEX, model_inputs
 
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -30,7 +30,7 @@ def summed_loss(model, batches, *, device: torch.device, precision: str, max_bat
         labels = batch["labels"].to(device)
         n = (labels != IGNORE_INDEX).sum()
         with autocast_for(precision, device):
-            loss = model(batch["input_ids"].to(device), labels=labels)
+            loss = model(**model_inputs(batch, device), labels=labels)
         loss_sum += loss.double() * n
         count += n
     return loss_sum, count

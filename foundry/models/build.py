@@ -161,6 +161,11 @@ def _local_device(param: torch.Tensor) -> torch.device:
     return param.to_local().device if isinstance(param, DTensor) else param.device
 
 
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (global-shape) tensor into `param`, which may be an FSDP2 shard: each rank keeps its slice."""
+    _assign(param, full.to(device=_local_device(param), dtype=param.dtype))
+
+
 @torch.no_grad()
 def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
