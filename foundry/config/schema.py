@@ -23,9 +23,13 @@ SCHEDULERS = (
     "constant_with_warmup",
     "inv_sqrt_with_warmup",
 )
-PRECISIONS = ("auto", "fp32", "amp_bf16")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "fp64")
 MIXED_PRECISIONS = ("PURE", "DEFAULT", "FULL")
 SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
+FP64_CPU_ONLY = (
+    "fp64 is a CPU reference mode (float64 weights and compute; flash/flex attention and the fused CUDA "
+    "kernels have no float64); set device: cpu, or use amp_bf16 or fp32 on CUDA"
+)
 
 
 def _positive(value: float, path: str, allow_zero: bool = False) -> None:
@@ -289,7 +293,9 @@ class TrainConfig:
     load_path: str | None = (
         None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
     )
-    precision: str = "auto"  # auto: amp_bf16 on CUDA, fp32 on CPU
+    # auto: amp_bf16 on CUDA, fp32 on CPU. fp64: float64 weights, optimizer state and compute, CPU only: a
+    # numerical reference (runs that must agree to rounding, e.g. 1 vs N ranks), ~1.5x slower than fp32.
+    precision: str = "auto"
     grad_clip_norm: float | None = 1.0
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     log_interval: str = "1ba"
@@ -320,6 +326,8 @@ class TrainConfig:
             _positive(getattr(self, key), key)
         _one_of(self.precision, PRECISIONS, "precision")
         _one_of(self.device, ("auto", "cpu", "cuda"), "device")
+        if self.precision == "fp64" and self.device == "cuda":
+            raise ConfigError(FP64_CPU_ONLY, "precision")
         for key in ("save_interval", "log_interval") + (("eval_interval",) if self.eval_interval else ()):
             Duration.parse(getattr(self, key), key)
         if self.grad_clip_norm is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from foundry.errors import ConfigError
-from foundry.train.step import autocast_for
+from foundry.train.step import autocast_for, param_dtype
 
 
 @torch.no_grad()
@@ -55,8 +55,9 @@ def evaluate_checkpoint(
         )
     state = load_model_weights(path)
     device = torch.device(resolve_device(data_cfg.device))
+    precision = resolve_precision(data_cfg, device)
     model = build_model(run_cfg.model, vocab_size=state["transformer.wte.weight"].shape[0], device=device)
-    model.load_state_dict(state, strict=True)
+    model.to(param_dtype(precision)).load_state_dict(state, strict=True)
     batches = build_eval_loader(
         phase.data.eval_streams,
         seq_len=phase.seq_len,
@@ -64,7 +65,6 @@ def evaluate_checkpoint(
         rank=0,
         world_size=1,
     )
-    precision = resolve_precision(data_cfg, device)
     loss_sum, count = summed_loss(model, batches, device=device, precision=precision, max_batches=max_batches)
     tokens = int(count)
     if tokens == 0:

@@ -25,6 +25,12 @@ def autocast_for(precision: str, device: torch.device) -> AbstractContextManager
     return nullcontext()
 
 
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype a model's weights (and so its optimizer state) are kept in: float64 for fp64, else float32
+    (amp_bf16 keeps fp32 master weights and computes in bf16 under autocast or FSDP's mixed precision)."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -40,7 +46,7 @@ def train_step(
     # Weight each micro-batch by its share of target tokens: the step's loss is the mean over all of them.
     counts = [int((b["labels"] != -100).sum()) for b in batches]
     n_tokens = max(sum(counts), 1)
-    total = torch.zeros((), device=device, dtype=torch.float32)
+    total = torch.zeros((), device=device, dtype=param_dtype(precision))
     for i, batch in enumerate(batches):
         # FSDP2: reduce-scatter the gradients once, after the last micro-batch.
         if hasattr(model, "set_requires_gradient_sync"):
@@ -58,7 +64,8 @@ def train_step(
     max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    loss, norm = torch.stack([loss_value, grad_norm.float()]).tolist()  # one device sync per step
+    # One device sync per step.
+    loss, norm = torch.stack([loss_value, grad_norm.to(loss_value.dtype)]).tolist()
     ok = math.isfinite(loss) and math.isfinite(norm)
     if ok:
         optimizer.step()

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from foundry.config.duration import Duration
 from foundry.config.load import to_yaml
-from foundry.config.schema import TrainConfig
-from foundry.errors import FoundryError
+from foundry.config.schema import FP64_CPU_ONLY, TrainConfig
+from foundry.errors import ConfigError, FoundryError
 from foundry.train import checkpoint as ckpt
 from foundry.train import dist as fdist
 from foundry.train import remote as fremote
@@ -100,6 +100,8 @@ def resolve_vocab_size(cfg: TrainConfig) -> int:
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision == "fp64" and device.type != "cpu":  # device: auto that found a GPU
+        raise ConfigError(FP64_CPU_ONLY, "precision")
     if cfg.precision != "auto":
         return cfg.precision
     return "amp_bf16" if device.type == "cuda" else "fp32"
