@@ -27,8 +27,8 @@ PRECISIONS = ("auto", "fp32", "amp_bf16", "fp64")
 MIXED_PRECISIONS = ("PURE", "DEFAULT", "FULL")
 SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
 FP64_CPU_ONLY = (
-    "fp64 is a CPU reference mode (float64 weights and compute; flash/flex attention and the fused CUDA "
-    "kernels have no float64); set device: cpu, or use amp_bf16 or fp32 on CUDA"
+    "fp64 is a CPU reference mode (float64 weights and compute, for runs that must agree to rounding); "
+    "set device: cpu, or use amp_bf16 or fp32 on CUDA"
 )
 
 
