@@ -204,7 +204,13 @@ DIST_STEPS = 24
 @pytest.fixture(scope="session")
 def dist_config(tmp_path_factory) -> Path:
     """A run YAML for multi-process tests: 24 steps of ~0.1 s on 2 CPU ranks, checkpoints every 4 steps,
-    global batch 16 rows in micro-batches of 2 (so it splits over 1, 2 and 4 ranks alike)."""
+    global batch 16 rows in micro-batches of 2 (so it splits over 1, 2 and 4 ranks alike).
+
+    precision fp64: runs on 1, 2 and 4 ranks (and in pytest's threads vs OMP_NUM_THREADS=1 workers) sum
+    the same gradients in another order. In fp32 that is ~1e-7 relative, and Lion's sign() turns an update
+    that sits within it of zero into a 2*lr step on that weight, which then spreads: on an AMD EPYC (Zen 3)
+    1 and 2 ranks part from step 4 on and differ by up to 1.6e-3, on other CPUs they happened not to. In fp64 the same reorderings differ by ~1e-15, no update flips, and 1 vs 2 ranks end with
+    bit-identical weights (tests/test_distributed.py has the numbers)."""
     tmp = tmp_path_factory.mktemp("dist")
     train = write_token_dataset(tmp / "data" / "train", unique_windows(400, 64, 512, 0))
     val = write_token_dataset(tmp / "data" / "val", learnable_windows(32, 64, 512, 1))
@@ -222,6 +228,7 @@ def dist_config(tmp_path_factory) -> Path:
             train=train,
             val=val,
         )  # fmt: skip
+        + "precision: fp64\n"
     )
     return path
 

@@ -24,9 +24,13 @@ SCHEDULERS = (
     "constant_with_warmup",
     "inv_sqrt_with_warmup",
 )
-PRECISIONS = ("auto", "fp32", "amp_bf16")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "fp64")
 MIXED_PRECISIONS = ("PURE", "DEFAULT", "FULL")
 SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
+FP64_CPU_ONLY = (
+    "fp64 is a CPU reference mode (float64 weights and compute, for runs that must agree to rounding); "
+    "set device: cpu, or use amp_bf16 or fp32 on CUDA"
+)
 
 
 @dataclass
@@ -207,7 +211,9 @@ class TrainConfig:
     load_path: str | None = (
         None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
     )
-    precision: str = "auto"  # auto: amp_bf16 on CUDA, fp32 on CPU
+    # auto: amp_bf16 on CUDA, fp32 on CPU. fp64: float64 weights, optimizer state and compute, CPU only: a
+    # numerical reference (runs that must agree to rounding, e.g. 1 vs N ranks), ~1.5x slower than fp32.
+    precision: str = "auto"
     grad_clip_norm: float | None = 1.0
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     log_interval: str = "1ba"
@@ -242,6 +248,8 @@ class TrainConfig:
             positive(getattr(self, key), key)
         one_of(self.precision, PRECISIONS, "precision")
         one_of(self.device, ("auto", "cpu", "cuda"), "device")
+        if self.precision == "fp64" and self.device == "cuda":
+            raise ConfigError(FP64_CPU_ONLY, "precision")
         for key in ("save_interval", "log_interval") + (("eval_interval",) if self.eval_interval else ()):
             Duration.parse(getattr(self, key), key)
         if self.grad_clip_norm is not None:
