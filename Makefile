@@ -7,7 +7,7 @@ FOUNDRY := $(VENV)/bin/foundry
 STDLIB := $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DEMO := data/demo
 
-.PHONY: install demo demo-data test lint format bench clean
+.PHONY: install demo demo-data demo-eval test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,14 @@ demo-data: install
 
 demo: demo-data
 	$(FOUNDRY) pretrain yamls/pretrain/tiny-cpu.yaml
+
+# After `make demo`: ICL tasks from the stdlib (which function does this docstring describe?), scored on the
+# demo model, and a picture of its run.
+demo-eval: install
+	@test -d $(DEMO)/icl || $(FOUNDRY) data-prep icl-stdlib $(STDLIB) --exclude 'site-packages/*' \
+		--data $(DEMO)/stdlib --out $(DEMO)/icl
+	$(FOUNDRY) eval runs/tiny-cpu --tasks yamls/eval/stdlib-demo.yaml --out runs/tiny-cpu/eval_results.json
+	$(FOUNDRY) report runs/tiny-cpu --out runs/tiny-cpu/report.png
 
 test: install
 	$(PY) -m pytest -q

@@ -25,6 +25,7 @@ from foundry.config.duration import Duration
 from foundry.config.load import to_yaml
 from foundry.config.schema import TrainConfig
 from foundry.errors import FoundryError
+from foundry.eval.icl.training import build_icl_evaluator
 from foundry.train import checkpoint as ckpt
 from foundry.train import dist as fdist
 from foundry.train import remote as fremote
@@ -174,6 +175,7 @@ class Trainer:
         }
         self.preemption = Preemption(cfg.save_grace_period_s)
         self.hooks = FaultHooks.from_env()
+        self.icl = build_icl_evaluator(cfg) if cfg.icl_tasks else None  # tokenized once, run at each eval
         self._save_owed = False  # a save fell on a NaN/Inf step: write it after the next good one
         self._current_step = 0  # the step being trained, for error messages
 
@@ -211,6 +213,10 @@ class Trainer:
                         last_eval = eval_loss
                         loggers.log(
                             {"step": self.state.step, "tokens": self.state.tokens, "eval_loss": eval_loss}
+                        )
+                    if self.icl is not None:
+                        loggers.log(
+                            {"step": self.state.step, "tokens": self.state.tokens, **self.evaluate_icl()}
                         )
                 stop = self._agree_between_steps()
                 if self._save_now(phase, result.ok, last or stop):
@@ -269,6 +275,14 @@ class Trainer:
             torch.distributed.all_reduce(loss_sum)
             torch.distributed.all_reduce(count)
         return float(loss_sum / count) if count > 0 else None
+
+    def evaluate_icl(self) -> dict[str, float]:
+        """The icl_tasks' metrics (icl/<label>/<N>-shot ...), every rank running its share in lockstep."""
+        env = self.env
+        metrics = self.icl(self.model, env.device, env.rank, env.world_size, self.precision)
+        if env.is_main:
+            log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, blocking: bool = True) -> None:
