@@ -382,3 +382,27 @@ def test_gauntlet_config_errors():
     with pytest.raises(ConfigError, match=r"categories\[0\].benchmarks\[0\].random_baseline"):
         bad.validate()
     assert math.isclose(GauntletConfig(weighting="LOG_SAMPLE_SZ").benchmark_weight(1), 1.0)
+
+
+def test_subset_and_limit_keep_the_first_examples(icl_tasks, icl_tokenizer):
+    from transformers import AutoTokenizer
+
+    from foundry.eval.icl import ICLEvaluator
+
+    tasks = load_icl_file(icl_tasks).icl_tasks
+    tok = AutoTokenizer.from_pretrained(icl_tokenizer)
+    full = ICLEvaluator(tasks, tok, max_seq_len=256, batch_size=4)
+    # llm-foundry's icl_subset_num_batches: batches of batch_size // choices examples (3 choices: 1 per batch).
+    subset = ICLEvaluator(tasks, tok, max_seq_len=256, batch_size=4, subset_num_batches=2)
+    sizes = {s.name: len(s.items) for s in subset.settings}
+    assert sizes["mc/0-shot"] == 2 and sizes["lm/0-shot"] == 8 and sizes["schema/2-shot"] == 4
+    assert sizes["mc_by_category/1-shot/a"] == 2 and sizes["gen/0-shot"] == 8
+    for s, f in zip(subset.settings, full.settings, strict=True):
+        assert [it.index for it in s.items] == [it.index for it in f.items][: len(s.items)]
+    limited = ICLEvaluator(tasks, tok, max_seq_len=256, batch_size=4, limit=3)
+    assert {len(s.items) for s in limited.settings} == {3}
+    # Every unit is one batch of whole examples, at most batch_size rows (one example may exceed it alone).
+    for unit in full.units:
+        setting = full.settings[unit.setting]
+        rows = sum(len(getattr(setting.items[i], "rows", [None])) for i in unit.items)
+        assert rows <= 4 or len(unit.items) == 1

@@ -35,7 +35,9 @@ def icl_table(results: ICLResults):
 def gauntlet_table(result: GauntletResult):
     from rich.table import Table
 
-    table = Table(title="Gauntlet (accuracy above guessing, 1 = perfect)", title_justify="left")
+    table = Table(
+        title="Gauntlet", title_justify="left", caption="0 = guessing, 1 = perfect", caption_justify="left"
+    )
     table.add_column("category / average")
     table.add_column("score", justify="right")
     for name, score in result.categories.items():
