@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from foundry.config.icl import load_icl_file
-from foundry.errors import ConfigError
+from foundry.errors import ConfigError, FoundryError
 from foundry.eval.checkpoint_model import EvalModel
 from foundry.eval.icl.evaluator import ICLEvaluator, ICLResults
 
@@ -141,15 +141,21 @@ def run_lm_eval(
         max_length=em.max_seq_len,
         precision=em.precision,
     )
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=False,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+        )
+    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub"
+        raise FoundryError(
+            f"lm-eval could not load a task's data: {str(e).splitlines()[0]}. Hub tasks need a network (or a "
+            "filled datasets cache with HF_DATASETS_OFFLINE=1); local task YAMLs go in --include-path"
+        ) from None
     if results is None:  # only on a non-zero rank of a distributed run
         raise ConfigError("lm-eval returned no results")
     return results
