@@ -16,7 +16,7 @@ FOUNDRY := $(VENV)/bin/foundry
 STDLIB := $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DEMO := data/demo
 
-.PHONY: install lock demo demo-data demo-tokenizer demo-sft-data demo-sft test lint format bench clean
+.PHONY: install lock demo demo-data demo-tokenizer demo-sft-data demo-sft demo-eval test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,14 @@ demo-sft: demo-sft-data
 	@test -d runs/tiny-cpu/checkpoints || $(MAKE) demo
 	$(FOUNDRY) finetune yamls/finetune/tiny-sft-cpu.yaml load_path=runs/tiny-cpu data.streams.sft.local=$(DEMO)/sft
 	$(FOUNDRY) generate runs/tiny-sft-cpu --chat --prompt 'What does `json.dumps` do?' --max-new-tokens 60
+
+# After `make demo`: ICL tasks from the stdlib (which function does this docstring describe?), scored on the
+# demo model, and a picture of its run.
+demo-eval: install
+	@test -d $(DEMO)/icl || $(FOUNDRY) data-prep icl-stdlib $(STDLIB) --exclude 'site-packages/*' \
+		--data $(DEMO)/stdlib --out $(DEMO)/icl
+	$(FOUNDRY) eval runs/tiny-cpu --tasks yamls/eval/stdlib-demo.yaml --out runs/tiny-cpu/eval_results.json
+	$(FOUNDRY) report runs/tiny-cpu --out runs/tiny-cpu/report.png
 
 test: install
 	$(PY) -m pytest -q

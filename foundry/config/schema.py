@@ -14,6 +14,7 @@ from typing import Any
 
 from foundry.config.checks import one_of, positive
 from foundry.config.duration import Duration
+from foundry.config.icl import GauntletConfig, ICLTaskConfig, validate_icl_tasks
 from foundry.config.model import ModelConfig, MPTConfig
 from foundry.errors import ConfigError
 
@@ -199,6 +200,10 @@ class TrainConfig:
     device_eval_batch_size: int = 1
     eval_interval: str | None = None
     eval_subset_num_batches: int = -1  # -1: the whole eval set
+    # In-context-learning tasks (llm-foundry's icl_tasks) run at every eval; see docs/eval.md.
+    icl_tasks: list[ICLTaskConfig] | None = None
+    icl_subset_num_batches: int = -1  # -1: every example of every task
+    eval_gauntlet: GauntletConfig | None = None
     save_folder: str | None = None  # None: runs/<run_name>
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1  # -1: keep all
@@ -259,6 +264,14 @@ class TrainConfig:
         self.scheduler.validate("scheduler")
         self.fsdp_config.validate("fsdp_config")
         self.data.validate("data")
+        if self.icl_tasks:
+            validate_icl_tasks(self.icl_tasks)
+            if not self.tokenizer.name:
+                raise ConfigError("icl_tasks need the run's tokenizer: set tokenizer.name", "tokenizer.name")
+        if self.eval_gauntlet is not None:
+            if not self.icl_tasks:
+                raise ConfigError("a gauntlet scores icl_tasks; add icl_tasks or remove it", "eval_gauntlet")
+            self.eval_gauntlet.validate("eval_gauntlet")
         if self.phases:
             if self.max_duration is not None:
                 raise ConfigError(

@@ -100,7 +100,7 @@ def evaluate_checkpoint(
         )
     device = torch.device(fdist.resolve_device(data_cfg.device))
     precision = resolve_precision(data_cfg.precision, device)
-    model = build_from_state(run_cfg.model, load_model_weights(path), device).to(param_dtype(precision))
+    model = build_from_state(run_cfg.model, load_model_weights(path), device, param_dtype(precision))
     env = fdist.DistEnv(0, 1, 0, device)
     losses = eval_losses(
         model,
