@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from foundry.checkpoint.layout import CONFIG_FILE, TRAINER_STATE, finalize, resolve_checkpoint, verify
+from foundry.checkpoint.safe_read import dcp_load, read_dcp_metadata
 from foundry.checkpoint.state import ModelState
 from foundry.checkpoint.writer import single_process_quiet
 from foundry.errors import CheckpointError
@@ -32,10 +34,9 @@ def _verified(path: str | Path) -> Path:
 
 def model_keys(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """name -> (shape, dtype) of every model tensor a checkpoint holds (names without `model.`), from its metadata."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = read_dcp_metadata(path)
     return {
         key[len(MODEL_PREFIX) :]: (meta.size, meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -55,7 +56,7 @@ def load_into(model: torch.nn.Module, path: str | Path) -> Path:
     stored = {k: tuple(shape) for k, (shape, _) in model_keys(path).items()}
     _check_same(expected, stored, path)
     with single_process_quiet():
-        dcp.load({"model": ModelState(model)}, checkpoint_id=str(path))
+        dcp_load({"model": ModelState(model)}, path)
     return path
 
 
@@ -85,7 +86,7 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not state:
         raise CheckpointError(f"{path} holds no model weights")
     with single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp_load(state, path, no_dist=True)
     return {key[len(MODEL_PREFIX) :]: value for key, value in state.items()}
 
 
@@ -98,7 +99,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config_y
     tmp.mkdir(parents=True)
     with single_process_quiet():
         dcp.save({"model": state_dict}, checkpoint_id=str(tmp), no_dist=True)
-    torch.save({"step": 0, "weights_only": True}, tmp / TRAINER_STATE)
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": 0, "weights_only": True}))
     (tmp / CONFIG_FILE).write_text(config_yaml)
     finalize(tmp, final, 0)
     return final

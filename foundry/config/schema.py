@@ -27,6 +27,7 @@ SCHEDULERS = (
 PRECISIONS = ("auto", "fp32", "amp_bf16")
 MIXED_PRECISIONS = ("PURE", "DEFAULT", "FULL")
 SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
+HASHES = ("sha1", "sha256", "md5", "xxh64")
 
 
 @dataclass
@@ -82,6 +83,9 @@ class DataConfig:
     # Streaming's per-batch source choice (MPT-7B: "samples for each batch come from one source").
     batching_method: str = "random"
     cache_limit: str | None = None
+    # Check every local shard against the hash data-prep wrote into index.json before training (reads all
+    # of the data once), and make Streaming check downloaded shards: sha1 (what data-prep writes), or None.
+    validate_hash: str | None = None
 
     def validate(self, path: str) -> None:
         if not self.streams:
@@ -96,6 +100,8 @@ class DataConfig:
             ("random", "per_stream", "stratified", "device_per_stream"),
             f"{path}.batching_method",
         )
+        if self.validate_hash is not None:
+            one_of(self.validate_hash, HASHES, f"{path}.validate_hash")
 
 
 @dataclass
@@ -204,6 +210,11 @@ class TrainConfig:
     # A remote save_folder (s3://...) is staged here before upload. None: $FOUNDRY_CACHE_DIR or ~/.cache/foundry.
     save_local_dir: str | None = None
     allow_data_change: bool = False  # resume even if the current phase's data changed (fingerprint mismatch)
+    # Resume even if these settings differ from the checkpoint's (README, "Resuming"): the seed; the model's
+    # architecture; the optimizer, its schedule and gradient clipping.
+    allow_seed_change: bool = False
+    allow_model_change: bool = False
+    allow_optimizer_change: bool = False
     load_path: str | None = (
         None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
     )

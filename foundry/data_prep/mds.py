@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from foundry.data.mds import file_hash
+
 COLUMN = "tokens"
 ENCODING = "ndarray:int32"
 SIZE_LIMIT = 1 << 26  # MDSWriter's default shard size limit (uncompressed bytes)
@@ -50,7 +52,12 @@ class MDSTokenWriter:
     """Appends windows (int32 arrays of window_len tokens) to shards in `folder`; finish() writes index.json."""
 
     def __init__(
-        self, folder: Path, window_len: int, compression: str | None = None, size_limit: int = SIZE_LIMIT
+        self,
+        folder: Path,
+        window_len: int,
+        compression: str | None = None,
+        size_limit: int = SIZE_LIMIT,
+        hashes: tuple[str, ...] = (),
     ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,7 @@ class MDSTokenWriter:
             "column_sizes": [None],
             "compression": compression,
             "format": "mds",
-            "hashes": [],
+            "hashes": sorted(hashes),  # Streaming's order; it checks files against these on download
             "size_limit": size_limit,
             "version": 2,
         }
@@ -109,13 +116,18 @@ class MDSTokenWriter:
             )
         )
         raw_name = f"shard.{len(self.shards):05}.mds"
-        raw_info = {"basename": raw_name, "bytes": len(raw), "hashes": {}}
+        algos = self.config["hashes"]
+        raw_info = {"basename": raw_name, "bytes": len(raw), "hashes": {a: file_hash(a, raw) for a in algos}}
         zip_info = None
         data, name = raw, raw_name
         if self.compression:
             data = _compress(self.compression, raw)
             name = f"{raw_name}.{self.compression}"
-            zip_info = {"basename": name, "bytes": len(data), "hashes": {}}
+            zip_info = {
+                "basename": name,
+                "bytes": len(data),
+                "hashes": {a: file_hash(a, data) for a in algos},
+            }
         with open(self.folder / name, "wb") as f:
             f.write(data)
         self.shards.append({"samples": n, "raw_data": raw_info, "zip_data": zip_info, **self.config})
