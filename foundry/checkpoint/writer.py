@@ -91,6 +91,20 @@ def load(path: Path, app_state: dict[str, Any], rank: int = 0) -> tuple[dict[str
     return trainer_state, read_rng(path, rank)
 
 
+def _errno_in(error: BaseException, depth: int = 0) -> int | None:
+    """The errno of the OSError behind `error`: in its cause chain, or in what DCP collected per rank."""
+    if depth > 8 or error is None:
+        return None
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    inner = [error.__cause__, error.__context__]
+    inner += [f[0] if isinstance(f, tuple) else f for f in getattr(error, "failures", {}).values()]
+    for e in inner:
+        if isinstance(e, BaseException) and (code := _errno_in(e, depth + 1)):
+            return code
+    return None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(obj, fh)
@@ -193,15 +207,18 @@ class Checkpointer:
 
     def _agree_written(self, step: int, tmp: Path, error: OSError | None) -> None:
         """Collective: did every rank manage its part so far? If not, every rank raises the same error."""
-        mine = None if error is None else f"{type(error).__name__}: {error}"
-        failed = [(r, m) for r, m in enumerate(fdist.all_gather_object(mine, group=self._group)) if m]
+        mine = None if error is None else (f"{type(error).__name__}: {error}", error.errno)
+        failed = [(r, *m) for r, m in enumerate(fdist.all_gather_object(mine, group=self._group)) if m]
         if failed:
-            raise self._write_failed(step, tmp, *failed[0], error)
+            raise self._write_failed(step, tmp, *failed[0])
 
-    def _write_failed(self, step: int, tmp: Path, rank: int, message: str, error=None) -> CheckpointError:
+    def _write_failed(
+        self, step: int, tmp: Path, rank: int, message: str, errno: int | None
+    ) -> CheckpointError:
         """One line: which folder, why (read-only, no permission, full: looked up, not guessed from DCP's
         message), and that the previous checkpoint stands. The partial write is removed (rank 0)."""
-        cause = why_unwritable(self.root, error) or message.strip().splitlines()[0][:300]
+        cause = why_unwritable(self.root, OSError(errno, "") if errno else None)
+        cause = cause or message.strip().splitlines()[0][:300]
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = self.store.candidates() if self.env.is_main else []
@@ -229,16 +246,16 @@ class Checkpointer:
         if pending is None:
             return None
         try:
-            share = (True, pending.job.result())
+            share = (True, pending.job.result(), None)
         except LOAD_ERRORS as e:
-            share = (False, f"{type(e).__name__}: {e}")
+            share = (False, f"{type(e).__name__}: {e}", _errno_in(e))
         shares = fdist.all_gather_object(share, group=self._group)
-        failed = [(rank, msg) for rank, (ok, msg) in enumerate(shares) if not ok]
+        failed = [(rank, msg, code) for rank, (ok, msg, code) in enumerate(shares) if not ok]
         if failed:
             raise self._write_failed(pending.step, pending.tmp, *failed[0])
         final = step_dir(self.root, pending.step)
         if self.env.is_main:
-            digests = {name: d for _, ds in shares for name, d in ds.items()}
+            digests = {name: d for _, ds, _ in shares for name, d in ds.items()}
             finalize(pending.tmp, final, pending.step, digests, self.env.world_size)
             self.store.published(final, pending.step, digests, self.keep, self.run_dir)
         fdist.barrier(self._group)
