@@ -57,21 +57,22 @@ def test_second_run_refuses_a_held_folder_readers_still_work_and_a_dead_holder_i
     config = tiny_run(steps=10, save_every=5, eval_every=5)
     run = tmp_path / "run"
     a = LaunchedRun(config, run, env={"FOUNDRY_TEST_HANG": "0:7"})
-    a.wait_for(lambda: "hanging before step 7" in a.output, "run A to hang")
-    assert (run / LOCK).is_file()
+    try:
+        a.wait_for(lambda: "hanging before step 7" in a.output, "run A to hang")
+        assert (run / LOCK).is_file()
 
-    second = _cli("pretrain", str(config), f"save_folder={run}")
-    assert second.returncode == 2, second.stdout + second.stderr
-    assert f"is in use by another run (pid {a.proc.pid} on {socket.gethostname()}" in second.stderr
-    assert "Traceback" not in second.stderr
+        second = _cli("pretrain", str(config), f"save_folder={run}")
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"is in use by another run (pid {a.proc.pid} on {socket.gethostname()}" in second.stderr
+        assert "Traceback" not in second.stderr
 
-    evaluated = _cli("eval", str(run), "--max-batches", "2", "--json")
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout)["checkpoint"].endswith("step-00000005")
-    converted = _cli("convert", "to-hf", str(run), str(tmp_path / "hf"))
-    assert converted.returncode == 0, converted.stderr
-
-    a.kill_all()
+        evaluated = _cli("eval", str(run), "--max-batches", "2", "--json")
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert json.loads(evaluated.stdout)["checkpoint"].endswith("step-00000005")
+        converted = _cli("convert", "to-hf", str(run), str(tmp_path / "hf"))
+        assert converted.returncode == 0, converted.stderr
+    finally:
+        a.kill_all()  # a hung run never ends by itself
     third = _cli("pretrain", str(config), f"save_folder={run}")
     assert third.returncode == 0, third.stderr
     assert (

@@ -91,6 +91,14 @@ def load(path: Path, app_state: dict[str, Any], rank: int = 0) -> tuple[dict[str
     return trainer_state, read_rng(path, rank)
 
 
+def _one_line(error: BaseException) -> str:
+    """What went wrong, in one line: DCP's exception carries each rank's traceback; its last line says it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, CheckpointException) and lines:
+        return lines[-1][:500]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 def _errno_in(error: BaseException, depth: int = 0) -> int | None:
     """The errno of the OSError behind `error`: in its cause chain, or in what DCP collected per rank."""
     if depth > 8 or error is None:
@@ -225,7 +233,7 @@ class Checkpointer:
         stands = (
             f"checkpoint {previous[-1]} is the newest complete one and is intact"
             if previous
-            else ("no earlier checkpoint exists")
+            else "no earlier checkpoint exists"
         )
         return CheckpointError(
             f"the checkpoint of step {step} could not be written to {self.root} (rank {rank}): {cause}; {stands}. "
@@ -302,7 +310,7 @@ class Checkpointer:
             try:
                 trainer_state, ok, why = read_trainer_state(path), True, ""
             except LOAD_ERRORS as e:
-                trainer_state, ok, why = None, False, f"{type(e).__name__}: {e}"
+                trainer_state, ok, why = None, False, _one_line(e)
             if not fdist.all_ranks(ok, self.env.device):
                 self._warn_skip(path, why or "cannot be loaded on another rank")
                 reasons.append(f"{path}: {why or 'cannot be loaded (on another rank)'}")
@@ -314,7 +322,7 @@ class Checkpointer:
                     dcp_load(app_state, path)
                 rng, ok, why = read_rng(path, self.env.rank), True, ""
             except LOAD_ERRORS as e:
-                rng, ok, why = None, False, f"{type(e).__name__}: {e}"
+                rng, ok, why = None, False, _one_line(e)
             if fdist.all_ranks(ok, self.env.device):
                 if self.env.is_local_leader:  # the damaged ones skipped on the way: not again next time
                     set_aside_damaged(self.root, self.keep)
