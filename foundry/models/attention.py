@@ -1,9 +1,16 @@
-"""Causal self-attention with ALiBi, behind one switch: ``attn_config.attn_impl``.
+"""Causal self-attention for every family, behind one switch (MPT: ``attn_config.attn_impl``, Llama: ``attn_impl``).
 
-- ``torch``: ``F.scaled_dot_product_attention`` with a materialized ALiBi + causal bias (portable; the CPU path).
-- ``flex``: FlexAttention, ALiBi as a ``score_mod`` and causality as a ``BlockMask`` (one fused kernel).
-- ``flash``: flash-attn 2 with ``alibi_slopes`` (optional package).
-- ``auto``: flex on CUDA, torch elsewhere.
+Position enters one of two ways: MPT's ALiBi (a per-head linear bias on the scores, ``AttentionPlan.slopes``), or
+no bias at all (Llama: rotary embeddings already applied to q and k, ``slopes`` None). Backends:
+
+- ``torch``: ``F.scaled_dot_product_attention``. With ALiBi, a materialized ALiBi + causal bias (portable; the CPU
+  path). Without a bias, ``is_causal=True``: on CUDA its flash kernel runs (no additive bias to block it).
+- ``flex``: FlexAttention, causality as a ``BlockMask`` (one fused kernel), ALiBi as a ``score_mod`` if any.
+- ``flash``: flash-attn 2, ``causal=True`` and ``alibi_slopes`` if any (optional package).
+- ``auto``: ALiBi: flex on CUDA, torch elsewhere. No bias: torch (SDPA's flash kernel) everywhere.
+
+Grouped-query attention (fewer key/value heads than query heads) runs natively in every backend: the key/value
+heads are not repeated in memory.
 
 ALiBi follows MPT (and HF's ``build_mpt_alibi_tensor``): head h adds ``slope_h * (key_pos - query_pos)`` to the
 scores. HF adds ``slope_h * (key_pos - last_pos)`` instead; the two differ by a constant per query row, which
@@ -49,10 +56,15 @@ def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attn_impl(impl: str, device: torch.device | str, dropout_p: float = 0.0) -> str:
-    """The backend that runs for ``impl`` on ``device`` (what the trainer logs)."""
+def resolve_attn_impl(
+    impl: str, device: torch.device | str, dropout_p: float = 0.0, alibi: bool = True
+) -> str:
+    """The backend that runs for ``impl`` on ``device`` (what the trainer logs). ``alibi``: the family's
+    attention has an ALiBi bias (MPT); without one (Llama) SDPA's own causal flash kernel is the fast path."""
     device_type = torch.device(device).type
     if impl == "auto":
+        if not alibi:
+            return "torch"
         # FlexAttention has no dropout; with attention dropout in training fall back to SDPA.
         return "flex" if device_type == "cuda" and dropout_p == 0 else "torch"
     if impl == "flash":
@@ -103,42 +115,50 @@ def _alibi_score_mod(slopes: torch.Tensor):
 
 @dataclass
 class AttentionPlan:
-    """What every layer of one forward pass shares: the backend, the slopes and the mask or bias.
+    """What every layer of one forward pass shares: the backend, the positional terms and the mask or bias.
 
-    Built once per forward outside the blocks, so compiled blocks only read it.
+    Built once per forward outside the blocks, so compiled blocks only read it. A family adds what its layers
+    share (Llama: the rotary cos/sin tables); packed sequences will add their document ids here.
     """
 
     impl: str
-    slopes: torch.Tensor  # [H] fp32
+    slopes: torch.Tensor | None = None  # ALiBi: [H] fp32. None: no positional bias on the scores
     block_mask: object | None = None  # flex: causal BlockMask
     flex_fn: object | None = None  # flex: the compiled kernel
-    bias: torch.Tensor | None = None  # torch: [1, H, S, S] ALiBi + causal -inf
+    bias: torch.Tensor | None = None  # torch with ALiBi: [1, H, S, S] ALiBi + causal -inf
     kernel_options: dict | None = (
         None  # flex: FlexAttention kernel options (CAUSAL_FLEX_OPTIONS + the caller's)
     )
+    rope_cos: torch.Tensor | None = None  # rotary: [S, head_dim] in the compute dtype (Llama)
+    rope_sin: torch.Tensor | None = None
+    # Packed sequences (one document id per token, [B, S]) for a document mask: not built by any family yet.
+    document_ids: torch.Tensor | None = None
 
 
 def plan_attention(
     impl: str,
-    slopes: torch.Tensor,
+    slopes: torch.Tensor | None,
     seq_len: int,
     dtype: torch.dtype,
     block_masks: dict,
     kernel_options: dict | None = None,
+    device: torch.device | None = None,
 ) -> AttentionPlan:
     """The plan for one forward. ``dtype``: the attention inputs' dtype (the autocast dtype under autocast).
+    ``slopes`` None: plain causal attention (then ``device`` says where it runs).
 
     ``block_masks`` caches flex BlockMasks by (seq_len, device) across calls.
     """
+    device = slopes.device if slopes is not None else device
     plan = AttentionPlan(impl=impl, slopes=slopes)
     if impl == "flex":
-        key = (seq_len, str(slopes.device))
+        key = (seq_len, str(device))
         if key not in block_masks:
-            block_masks[key] = causal_block_mask(seq_len, slopes.device)
+            block_masks[key] = causal_block_mask(seq_len, device)
         plan.block_mask = block_masks[key]
         plan.flex_fn = _compiled_flex_attention()
         plan.kernel_options = {**CAUSAL_FLEX_OPTIONS, **(kernel_options or {})}
-    elif impl == "torch":
+    elif impl == "torch" and slopes is not None:
         plan.bias = alibi_causal_bias(slopes, seq_len).to(dtype)  # SDPA wants the bias in the query's dtype
     return plan
 
@@ -146,7 +166,9 @@ def plan_attention(
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float, dropout_p: float
 ) -> torch.Tensor:
-    """Causal ALiBi attention. q, k, v and the result are [B, S, H, head_dim]."""
+    """Causal attention (ALiBi if the plan has slopes). q and the result are [B, S, H, head_dim]; k and v
+    [B, S, H_kv, head_dim] with H a multiple of H_kv (grouped-query attention when H_kv < H)."""
+    gqa = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
     if plan.impl == "flash":
         from flash_attn import flash_attn_func
 
@@ -164,11 +186,16 @@ def attend(
             q,
             k,
             v,
-            score_mod=_alibi_score_mod(plan.slopes),
+            score_mod=_alibi_score_mod(plan.slopes) if plan.slopes is not None else None,
             block_mask=plan.block_mask,
             scale=scale,
             kernel_options=plan.kernel_options,
+            **gqa,
+        )
+    elif plan.bias is not None:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale, **gqa
         )
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa)
     return out.transpose(1, 2)

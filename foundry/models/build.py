@@ -18,6 +18,8 @@ from torch import nn
 
 from foundry.config.model import ModelConfig
 from foundry.errors import ConfigError, FoundryError
+from foundry.models.llama import init as llama_init
+from foundry.models.llama.model import LlamaForCausalLM
 from foundry.models.mpt import init as mpt_init
 from foundry.models.mpt.model import MPTForCausalLM
 
@@ -35,6 +37,10 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "mpt_causal_lm": Family(MPTForCausalLM, mpt_init.initializer, 128),
+    # Llama keeps the vocabulary it is given: Hugging Face folders hold any row count (32000, 128256, or 32001
+    # after an added pad token), and padding would change the tensors a round trip must give back. The presets
+    # set round sizes.
+    "llama_causal_lm": Family(LlamaForCausalLM, llama_init.initializer, 1),
 }
 
 
