@@ -11,24 +11,48 @@ OVERRIDES_ARG = typer.Argument(
     None, help="Hydra-style overrides: key=value, +key=value, ~key, group=option.", show_default=False
 )
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+GPUS_OPT = typer.Option(
+    1, "--gpus", "--nproc", help="GPUs the run will use (the world size), for the memory per GPU.", min=1
+)
+GPU_MEMORY_OPT = typer.Option(
+    None,
+    "--gpu-memory",
+    "--gpu",
+    help="The GPU to check the fit on: a name (H100, H200, A100-40GB, A100-80GB) or a size (80GB, 141GiB). "
+    "Without it the GPU count is given for H100 and H200.",
+    show_default=False,
+)
 
 
-def plan(config: Path = CONFIG_ARG, overrides: list[str] = OVERRIDES_ARG, json: bool = JSON_OPT) -> None:
-    """Show each phase's steps and tokens, and per source: tokens, proportion, effective tokens, epochs.
+def plan(
+    config: Path = CONFIG_ARG,
+    overrides: list[str] = OVERRIDES_ARG,
+    json: bool = JSON_OPT,
+    gpus: int = GPUS_OPT,
+    gpu_memory: str = GPU_MEMORY_OPT,
+) -> None:
+    """Show each phase's steps and tokens, per source: tokens, proportion, effective tokens, epochs; and the
+    memory per GPU (parameters, gradients, optimizer state, activations with and without checkpointing) for
+    the run's model, world size and fsdp_config, whether it fits the GPU named, and how many GPUs it needs.
 
     Examples:
 
       foundry plan yamls/pretrain/mpt-7b-8k.yaml
 
       foundry plan yamls/pretrain/mpt-7b.yaml global_train_batch_size=2048 --json
+
+      foundry plan yamls/pretrain/mpt-7b.yaml model=llama2-70b max_seq_len=4096 --gpus 32 --gpu-memory H100
     """
     import json as json_module
 
     from foundry.cli.plan_report import plan_json, print_plan
     from foundry.config.load import load_config
+    from foundry.train.memory import gpu_memory as parse_gpu
 
     cfg = load_config(config, list(overrides or []))
+    if gpu_memory is not None:
+        parse_gpu(gpu_memory)  # a bad name or size fails before any work
     if json:
-        typer.echo(json_module.dumps(plan_json(cfg)))
+        typer.echo(json_module.dumps(plan_json(cfg, world_size=gpus, gpu=gpu_memory)))
     else:
-        print_plan(cfg)
+        print_plan(cfg, world_size=gpus, gpu=gpu_memory)

@@ -117,6 +117,15 @@ def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
     return total
 
 
+def num_matmul_params(model: nn.Module) -> int:
+    """The N of FLOPs = 6N per token: every parameter but an input embedding that is not also the output
+    matrix (an untied Llama's embedding is a lookup; MPT's tied one is the lm_head matmul too)."""
+    total = num_params(model)
+    output = model.output_weight() if hasattr(model, "output_weight") else model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    return total if output is embedding else total - embedding.numel()
+
+
 # --- initialization ---------------------------------------------------------------------------------------
 
 
