@@ -133,7 +133,7 @@ def load_preset(name: str) -> ModelConfig:
     import yaml
 
     path = Path(name)
-    if not path.suffix:
+    if not path.is_file():  # a preset name ("llama3.2-1b" has a dot, so no test on the suffix)
         path = ROOT / "yamls" / "model" / f"{name}.yaml"
     with open(path) as f:
         data = yaml.safe_load(f)
@@ -369,29 +369,17 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
 def hf_model(cfg: ModelConfig, rows: int, seq_len: int):
     """Stock transformers' model of ``cfg``'s family and shape: (model class, config)."""
     if isinstance(cfg, LlamaConfig):
+        import dataclasses
+
         from transformers import LlamaConfig as HFLlamaConfig
         from transformers import LlamaForCausalLM
 
-        hf_cfg = HFLlamaConfig(
-            hidden_size=cfg.d_model,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.kv_heads,
-            num_hidden_layers=cfg.n_layers,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=max(cfg.max_seq_len, seq_len),
-            vocab_size=rows,
-            rms_norm_eps=cfg.rms_norm_eps,
-            rope_theta=cfg.rope_theta,
-            rope_scaling=None
-            if cfg.rope_scaling is None
-            else {
-                "rope_type": "llama3",
-                **{k: v for k, v in vars(cfg.rope_scaling).items() if k != "rope_type"},
-            },
-            tie_word_embeddings=cfg.tie_word_embeddings,
-            attn_implementation="sdpa",  # transformers' default and fastest built-in
-            use_cache=False,
-        )
+        from foundry.models.llama.hf import config_to_hf
+
+        # The config.json our export writes, read the way from_pretrained reads it (any transformers version).
+        data = config_to_hf(dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len)), rows)
+        hf_cfg = HFLlamaConfig.from_dict({**data, "use_cache": False})
+        hf_cfg._attn_implementation = "sdpa"  # transformers' default and fastest built-in
         return LlamaForCausalLM, hf_cfg
     from transformers import MptConfig, MptForCausalLM
 

@@ -198,7 +198,7 @@ def test_layer_activation_bytes_are_what_autograd_saves(cfg, dtype):
 @pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak memory"
 )
-@pytest.mark.parametrize("family,ac", [("llama", "none"), ("llama", "full"), ("mpt", "full")])
+@pytest.mark.parametrize("family,ac", [("llama", "none"), ("mpt", "full")])
 def test_estimate_matches_measured_peak_rss_of_cpu_steps(family, ac):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "memory_check.py"), "--family", family,

@@ -129,7 +129,7 @@ class AttentionPlan:
     kernel_options: dict | None = (
         None  # flex: FlexAttention kernel options (CAUSAL_FLEX_OPTIONS + the caller's)
     )
-    rope_cos: torch.Tensor | None = None  # rotary: [S, head_dim] in the compute dtype (Llama)
+    rope_cos: torch.Tensor | None = None  # rotary (Llama): [S, 1, head_dim] fp32, applied before attend()
     rope_sin: torch.Tensor | None = None
     # Packed sequences (one document id per token, [B, S]) for a document mask: not built by any family yet.
     document_ids: torch.Tensor | None = None
