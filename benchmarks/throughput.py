@@ -1,10 +1,12 @@
-"""Training throughput of foundry's real step: tokens/s per GPU, MFU, HFU and peak memory.
+"""Training throughput of foundry's real step: tokens/s per GPU, MFU (two conventions), HFU and peak memory.
 
 Times exactly what the trainer runs: build_parallel_model (meta device -> AC, compile, FSDP2 -> to_empty
 -> init_weights) -> build_optimizer -> train_step, on random tokens. Runs on a CPU with the
 tiny preset too (no MFU there: a CPU has no entry in the peak table).
 
     python benchmarks/throughput.py --model mpt-1b --seq-len 2048 --micro-batch 8 --steps 10
+    python benchmarks/throughput.py --model llama3-8b --seq-len 8192 --micro-batch 1 --grad-accum 4 --fsdp \
+        --activation-checkpointing selective --baseline hf
     python benchmarks/throughput.py --model mpt-1b --seq-len 2048 --micro-batch 4 --baseline hf
     python benchmarks/throughput.py --model mpt-1b --seq-len 2048 --variants "micro-batch=4;micro-batch=8"
     torchrun --nproc_per_node 2 benchmarks/throughput.py --model mpt-7b --seq-len 2048 --micro-batch 8 --fsdp
@@ -23,8 +25,13 @@ tokens/s over the pretraining one's tokens/s (issue 9's target: >= 0.90):
 ``--variants`` runs several settings in one process: ';' separates variants, ',' separates the
 ``option=value`` pairs of one (option names as on the command line, without the dashes).
 ``--json`` prints one JSON object: the first (or only) variant's figures at the top level
-(``tokens_per_s``, ``mfu``, ``hfu``, ``peak_mem_gb``, ...; ``hf_tokens_per_s`` with ``--baseline hf``)
-and every variant under ``results``.
+(``tokens_per_s``, ``mfu``, ``mfu_full``, ``hfu``, ``peak_mem_gb``, ...; ``hf_tokens_per_s`` with
+``--baseline hf``) and every variant under ``results``.
+
+Any family's preset runs (MPT, Llama); ``--baseline hf`` times stock transformers' model of the same family
+and shape (MptForCausalLM, LlamaForCausalLM). MFU is given in two conventions (foundry/train/flops.py):
+``mfu`` halves the attention score FLOPs for the causal mask (6N + 6*L*d*S), ``mfu_full`` counts the full
+square as torchtitan does (6N + 12*L*d*S); N leaves out an untied input embedding in both.
 """
 
 from __future__ import annotations
@@ -45,17 +52,19 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing (the GPU
     sys.path.insert(0, str(ROOT))
 
 from foundry.config.load import from_dict  # noqa: E402
-from foundry.config.model import ModelConfig  # noqa: E402
+from foundry.config.model import LlamaConfig, ModelConfig  # noqa: E402
 from foundry.config.schema import FSDPConfig, OptimizerConfig  # noqa: E402
+from foundry.models.build import num_matmul_params  # noqa: E402
 from foundry.runtime import dist as fdist  # noqa: E402
 from foundry.train import flops  # noqa: E402
+from foundry.train.memory import estimate_memory  # noqa: E402
 from foundry.train.optim import build_optimizer  # noqa: E402
 from foundry.train.parallel import build_parallel_model  # noqa: E402
 from foundry.train.step import train_step  # noqa: E402
 
-DEFAULT_VOCAB = (
-    50432  # MPT's (GPT-NeoX-20B's tokenizer padded): for presets that leave vocab_size to the tokenizer
-)
+# For presets that leave vocab_size to the tokenizer: MPT's (GPT-NeoX-20B's tokenizer padded), Llama 2's.
+DEFAULT_VOCAB = 50432
+DEFAULT_VOCAB_BY_FAMILY = {"mpt_causal_lm": 50432, "llama_causal_lm": 32000}
 GB = 1e9
 
 
@@ -112,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--baseline", choices=["hf"], default=None, help="also time transformers' MptForCausalLM")
+    p.add_argument(
+        "--baseline",
+        choices=["hf"],
+        default=None,
+        help="also time stock transformers (MptForCausalLM or LlamaForCausalLM, the preset's family)",
+    )
     p.add_argument("--hf-micro-batch", type=int, default=None, help="micro-batch of the HF baseline")
     p.add_argument("--hf-only", action="store_true", help="time the HF baseline alone")
     p.add_argument("--variants", default=None, help="'opt=val,opt=val;opt=val' run one after another")
@@ -138,7 +152,7 @@ def load_preset(name: str) -> ModelConfig:
     import yaml
 
     path = Path(name)
-    if not path.suffix:
+    if not path.is_file():  # a preset name ("llama3.2-1b" has a dot, so no test on the suffix)
         path = ROOT / "yamls" / "model" / f"{name}.yaml"
     with open(path) as f:
         data = yaml.safe_load(f)
@@ -286,11 +300,27 @@ def time_steps(step_fn, args, device: torch.device) -> tuple[list[float], list[f
     return times, losses, first or 0.0
 
 
-def summarize(args, env, cfg: ModelConfig, n_params: int, times, losses, first, device) -> dict:
+def default_vocab(cfg: ModelConfig) -> int:
+    return DEFAULT_VOCAB_BY_FAMILY.get(cfg.name, DEFAULT_VOCAB)
+
+
+def set_attn_impl(cfg: ModelConfig, impl: str) -> None:
+    if hasattr(cfg, "attn_config"):  # MPT keeps it in attn_config, Llama at the top
+        cfg.attn_config.attn_impl = impl
+    else:
+        cfg.attn_impl = impl
+
+
+def summarize(
+    args, env, cfg: ModelConfig, n_params: int, times, losses, first, device, matmul_params: int | None = None
+) -> dict:
+    """``n_params``: all parameters; ``matmul_params``: the N of 6N (default: all of them)."""
     tokens_per_step = args.micro_batch * args.grad_accum * args.seq_len  # per GPU
     elapsed = sum(times)
     tokens_per_s = tokens_per_step * len(times) / elapsed if elapsed else 0.0
-    per_token = flops.flops_per_token(cfg, n_params, args.seq_len)
+    matmul_params = n_params if matmul_params is None else matmul_params
+    per_token = flops.flops_per_token(cfg, matmul_params, args.seq_len)
+    per_token_full = flops.flops_per_token(cfg, matmul_params, args.seq_len, causal=False)
     recompute = flops.recompute_flops_per_token(cfg, args.seq_len, checkpointed_blocks(args, cfg.n_layers))
     peak = flops.peak_flops(device)
     mem, reserved = peak_memory(device)
@@ -298,6 +328,7 @@ def summarize(args, env, cfg: ModelConfig, n_params: int, times, losses, first, 
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_median_step": tokens_per_step / statistics.median(times) if times else 0.0,
         "mfu": flops.mfu(tokens_per_s, per_token, peak),
+        "mfu_full": flops.mfu(tokens_per_s, per_token_full, peak),
         "hfu": flops.hfu(tokens_per_s, per_token, peak, recompute),
         "peak_mem_gb": mem,
         "peak_reserved_gb": reserved,
@@ -305,7 +336,9 @@ def summarize(args, env, cfg: ModelConfig, n_params: int, times, losses, first, 
         "first_step_s": first,
         "losses": losses,
         "n_params": n_params,
+        "matmul_params": matmul_params,
         "flops_per_token": per_token,
+        "flops_per_token_full": per_token_full,
         "peak_flops": peak,
         "world_size": env.world_size,
     }
@@ -323,9 +356,9 @@ def lion_fused(optimizer) -> bool | None:
 def run_foundry(args, env: fdist.DistEnv) -> dict:
     cfg = load_preset(args.model)
     if args.attn_impl != "auto":
-        cfg.attn_config.attn_impl = args.attn_impl
-    cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)  # ALiBi: the preset's length is no limit
-    vocab = args.vocab_size or (None if cfg.vocab_size else DEFAULT_VOCAB)
+        set_attn_impl(cfg, args.attn_impl)
+    cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)  # timing only: the preset's length is no limit
+    vocab = args.vocab_size or (None if cfg.vocab_size else default_vocab(cfg))
     device = env.device
     reset_memory(device)
     fsdp_cfg = FSDPConfig(
@@ -365,8 +398,19 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
         )
 
     times, results, first = time_steps(step, args, device)
-    out = summarize(args, env, cfg, n_params, times, [r.loss for r in results], first, device)
+    out = summarize(
+        args, env, cfg, n_params, times, [r.loss for r in results], first, device, num_matmul_params(model)
+    )
+    estimate = estimate_memory(
+        cfg, model.vocab_size, world_size=env.world_size, fsdp=fsdp_cfg, micro_batch=args.micro_batch,
+        seq_len=args.seq_len, precision=args.precision, optimizer=args.optimizer,
+        fused_loss=model.loss_chunk_size is not None and device.type == "cuda",
+        loss_chunk=model.loss_chunk_size or 4096, fsdp_applied=torch.distributed.is_initialized(),
+    )  # fmt: skip
     out.update(
+        family=cfg.name,
+        # foundry/train/memory.py's estimate of what peak_mem_gb measures (max_memory_allocated), in GB.
+        estimated_peak_gb=estimate.total / GB,
         fused_ce=model.loss_chunk_size is not None and device.type == "cuda",
         lion_fused=lion_fused(optimizer),
         fsdp=torch.distributed.is_initialized(),
@@ -394,20 +438,29 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
 # --- the Hugging Face baseline ---------------------------------------------------------------------------
 
 
-def run_hf(args, env: fdist.DistEnv) -> dict:
-    """Stock transformers.MptForCausalLM of the same shape: bf16 autocast, fused AdamW, eager attention."""
+def hf_model(cfg: ModelConfig, rows: int, seq_len: int):
+    """Stock transformers' model of ``cfg``'s family and shape: (model class, config)."""
+    if isinstance(cfg, LlamaConfig):
+        import dataclasses
+
+        from transformers import LlamaConfig as HFLlamaConfig
+        from transformers import LlamaForCausalLM
+
+        from foundry.models.llama.hf import config_to_hf
+
+        # The config.json our export writes, read the way from_pretrained reads it (any transformers version).
+        data = config_to_hf(dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, seq_len)), rows)
+        hf_cfg = HFLlamaConfig.from_dict({**data, "use_cache": False})
+        hf_cfg._attn_implementation = "sdpa"  # transformers' default and fastest built-in
+        return LlamaForCausalLM, hf_cfg
     from transformers import MptConfig, MptForCausalLM
 
-    cfg = load_preset(args.model)
-    rows = args.vocab_size or cfg.vocab_size or DEFAULT_VOCAB
-    device = env.device
-    reset_memory(device)
     hf_cfg = MptConfig(
         d_model=cfg.d_model,
         n_heads=cfg.n_heads,
         n_layers=cfg.n_layers,
         expansion_ratio=int(cfg.expansion_ratio),
-        max_seq_len=max(cfg.max_seq_len, args.seq_len),
+        max_seq_len=max(cfg.max_seq_len, seq_len),
         vocab_size=rows,
         no_bias=True,
         norm_type="low_precision_layernorm",
@@ -415,10 +468,23 @@ def run_hf(args, env: fdist.DistEnv) -> dict:
         tie_word_embeddings=True,
         use_cache=False,
     )
+    return MptForCausalLM, hf_cfg
+
+
+def run_hf(args, env: fdist.DistEnv) -> dict:
+    """Stock transformers model of the same family and shape (MptForCausalLM: eager attention with its ALiBi
+    bias; LlamaForCausalLM: SDPA): bf16 autocast, fused AdamW."""
+    cfg = load_preset(args.model)
+    rows = args.vocab_size or cfg.vocab_size or default_vocab(cfg)
+    device = env.device
+    reset_memory(device)
+    model_cls, hf_cfg = hf_model(cfg, rows, args.seq_len)
     with torch.device(device):
-        model = MptForCausalLM(hf_cfg)
+        model = model_cls(hf_cfg)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    matmul_params = n_params - (0 if head is embedding else embedding.numel())
     kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, **kernel
@@ -450,8 +516,9 @@ def run_hf(args, env: fdist.DistEnv) -> dict:
 
     times, losses, first = time_steps(step, hf_args, device)
     hf_args.activation_checkpointing = "none"
-    out = summarize(hf_args, env, cfg, n_params, times, losses, first, device)
+    out = summarize(hf_args, env, cfg, n_params, times, losses, first, device, matmul_params)
     out["micro_batch"] = hf_args.micro_batch
+    out["model_class"] = model_cls.__name__
     live.clear()
     reset_memory(device)
     return out
@@ -526,7 +593,10 @@ def describe(args) -> str:
 
 
 def print_table(rows: list[tuple[str, dict]], base, file=sys.stdout, footer: bool = True) -> None:
-    head = f"{'variant':<64} {'tok/s/GPU':>10} {'MFU':>6} {'HFU':>6} {'peak GB':>8} {'step s':>7} {'1st s':>6} {'loss':>13}"
+    head = (
+        f"{'variant':<64} {'tok/s/GPU':>10} {'MFU':>6} {'MFU-sq':>6} {'HFU':>6} {'peak GB':>8} {'est GB':>7} {'step s':>7} "
+        f"{'1st s':>6} {'loss':>13}"
+    )
     print(head, file=file)
     print("-" * len(head), file=file)
     for label, r in rows:
@@ -536,9 +606,11 @@ def print_table(rows: list[tuple[str, dict]], base, file=sys.stdout, footer: boo
         losses = r.get("losses") or []
         loss = f"{losses[0]:.3f}->{losses[-1]:.3f}" if losses else "-"
         mfu = fmt(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f")
+        mfu_full = fmt(r["mfu_full"] * 100 if r.get("mfu_full") is not None else None, ".1f")
         hfu = fmt(r["hfu"] * 100 if r["hfu"] is not None else None, ".1f")
         print(
-            f"{label[:64]:<64} {r['tokens_per_s']:>10,.0f} {mfu:>6} {hfu:>6} {fmt(r['peak_mem_gb'], '.1f'):>8} "
+            f"{label[:64]:<64} {r['tokens_per_s']:>10,.0f} {mfu:>6} {mfu_full:>6} {hfu:>6} "
+            f"{fmt(r['peak_mem_gb'], '.1f'):>8} {fmt(r.get('estimated_peak_gb'), '.1f'):>7} "
             f"{fmt(r['step_s_median'], '.3f'):>7} {fmt(r['first_step_s'], '.1f'):>6} {loss:>13}",
             file=file,
         )
@@ -546,13 +618,20 @@ def print_table(rows: list[tuple[str, dict]], base, file=sys.stdout, footer: boo
     if first is None or not footer:
         return
     cfg = load_preset(base.model)
-    n = first["n_params"]
+    n = first.get("matmul_params", first["n_params"])
+    why = (
+        "the tied lm_head is a d_model x vocab matmul, the embedding counted once"
+        if n == first["n_params"]
+        else f"of {first['n_params']:,}: the untied input embedding is a lookup, left out"
+    )
+    attention = 12 * cfg.n_layers * cfg.d_model * base.seq_len
     print(
-        f"\nMFU = tokens/s/GPU x FLOPs/token / peak. FLOPs/token = 6*N + 12*layers*d_model*seq/2 (causal):\n"
-        f"  N = {n:,} (embedding counted: the tied lm_head is a d_model x vocab matmul), "
-        f"layers {cfg.n_layers}, d_model {cfg.d_model}\n"
-        f"  at seq {base.seq_len}: 6N = {6 * n / 1e9:.2f} GFLOP + attention "
-        f"{12 * cfg.n_layers * cfg.d_model * base.seq_len / 2 / 1e9:.2f} GFLOP = {first['flops_per_token'] / 1e9:.2f} GFLOP/token\n"
+        f"\nMFU = tokens/s/GPU x FLOPs/token / peak. FLOPs/token = 6*N + 12*layers*d_model*seq/2 (causal);\n"
+        f"MFU-sq counts the full square 6*N + 12*layers*d_model*seq (torchtitan's convention):\n"
+        f"  N = {n:,} ({why}), layers {cfg.n_layers}, d_model {cfg.d_model}\n"
+        f"  at seq {base.seq_len}: 6N = {6 * n / 1e9:.2f} GFLOP + attention {attention / 2 / 1e9:.2f} "
+        f"(square {attention / 1e9:.2f}) GFLOP = {first['flops_per_token'] / 1e9:.2f} "
+        f"({first.get('flops_per_token_full', 0) / 1e9:.2f}) GFLOP/token\n"
         f"HFU adds the forward that activation checkpointing recomputes (2 x block params + its attention, per "
         f"checkpointed block).\npeak (dense bf16, per GPU): this one {fmt(first['peak_flops'] and first['peak_flops'] / 1e12, '.0f')} TFLOP/s; "
         + ", ".join(
@@ -628,9 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                 hf = run_hf(args, env)
             except torch.OutOfMemoryError as e:
                 hf = {"error": "out of memory: " + str(e).splitlines()[0][:200]}
-            label = (
-                f"HF MptForCausalLM | seq {args.seq_len}, mb {args.hf_micro_batch or args.micro_batch}, eager"
-            )
+            hf_name = hf.get("model_class", "stock transformers")
+            label = f"HF {hf_name} | seq {args.seq_len}, mb {args.hf_micro_batch or args.micro_batch}, eager"
             hf["label"] = label
             rows.append((label, hf))
             if env.is_main and base.jsonl:
@@ -642,12 +720,14 @@ def main(argv: list[str] | None = None) -> int:
         summary: dict = dict(ours[0]) if ours else {}
         summary.setdefault("tokens_per_s", None)
         summary.setdefault("mfu", None)
+        summary.setdefault("mfu_full", None)
         summary.setdefault("peak_mem_gb", None)
         summary["device"] = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         summary["torch"] = torch.__version__
         if hf is not None:
             summary["hf_tokens_per_s"] = hf.get("tokens_per_s")
             summary["hf_mfu"] = hf.get("mfu")
+            summary["hf_mfu_full"] = hf.get("mfu_full")
             summary["hf_peak_mem_gb"] = hf.get("peak_mem_gb")
             if hf.get("tokens_per_s") and ours:
                 summary["speedup_vs_hf"] = max(r["tokens_per_s"] for r in ours) / hf["tokens_per_s"]
@@ -662,7 +742,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{summary['device']}, torch {torch.__version__}, world size {env.world_size}")
             print_table(rows, resolve(base, env))
             if "speedup_vs_hf" in summary:
-                print(f"\nfastest foundry variant / HF MptForCausalLM: {summary['speedup_vs_hf']:.2f}x")
+                print(
+                    f"\nfastest foundry variant / {hf['label'].split(' |')[0]}: {summary['speedup_vs_hf']:.2f}x"
+                )
             for r in sft:
                 print(
                     f"\npacked SFT: {r['real_tokens_per_s']:,.0f} real tokens/s/GPU (packing efficiency "

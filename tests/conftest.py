@@ -71,7 +71,7 @@ def write_token_dataset(folder: Path, windows: np.ndarray) -> Path:
 
 TINY_RUN = """\
 defaults:
-  - /model: tiny
+  - /model: {preset}
   - _self_
 run_name: test
 seed: 3
@@ -91,8 +91,7 @@ model:
   n_layers: 2
   max_seq_len: {seq}
   vocab_size: {vocab}
-  attn_config: {{attn_impl: torch}}
-data:
+{model_extra}data:
   streams:
     train: {{local: {train}}}
   eval_streams:
@@ -102,19 +101,35 @@ optimizer: {{name: decoupled_lionw, lr: 2.0e-3, betas: [0.9, 0.95], weight_decay
 scheduler: {{name: cosine_with_warmup, t_warmup: 3ba, alpha_f: 0.1}}
 """
 
+# What the template's `model:` adds per family: MPT's tiny preset, or Llama's (grouped-query attention).
+FAMILIES = {
+    "mpt": ("tiny", "  attn_config: {{attn_impl: torch}}\n"),
+    "llama": ("llama-tiny", "  n_kv_heads: 2\n  intermediate_size: {ffn}\n  attn_impl: torch\n"),
+}
+
+
+def tiny_run_yaml(family: str = "mpt", d_model: int = 64, **fields) -> str:
+    """TINY_RUN for a model family (mpt or llama); `fields` fill the rest of the template."""
+    preset, extra = FAMILIES[family]
+    # SwiGLU's three matrices at 8/3 * d_model hold as many weights as MPT's two at 4 * d_model.
+    extra = extra.format(ffn=8 * d_model // 3)
+    return TINY_RUN.format(preset=preset, model_extra=extra, d_model=d_model, **fields)
+
 
 @pytest.fixture
 def tiny_run(tmp_path: Path):
     """A run YAML over synthetic data; call with overrides of the template's fields."""
 
     def make(
-        steps=30, seq=32, batch=8, micro=4, vocab=128, d_model=64, eval_every=10, save_every=10, n_windows=400
-    ):
+        steps=30, seq=32, batch=8, micro=4, vocab=128, d_model=64, eval_every=10, save_every=10, n_windows=400,
+        family="mpt",
+    ):  # fmt: skip
         train = write_token_dataset(tmp_path / "data" / "train", learnable_windows(n_windows, seq, vocab, 0))
         val = write_token_dataset(tmp_path / "data" / "val", learnable_windows(32, seq, vocab, 1))
         path = tmp_path / "run.yaml"
         path.write_text(
-            TINY_RUN.format(
+            tiny_run_yaml(
+                family,
                 steps=steps,
                 seq=seq,
                 batch=batch,
@@ -201,22 +216,22 @@ def unique_windows(n: int, window_len: int, vocab: int, seed: int) -> np.ndarray
 DIST_STEPS = 24
 
 
-@pytest.fixture(scope="session")
-def dist_config(tmp_path_factory) -> Path:
-    """A run YAML for multi-process tests: 24 steps of ~0.1 s on 2 CPU ranks, checkpoints every 4 steps,
+def write_dist_config(tmp: Path, family: str = "mpt") -> Path:
+    """The multi-process tests' run YAML: 24 steps of ~0.1 s on 2 CPU ranks, checkpoints every 4 steps,
     global batch 16 rows in micro-batches of 2 (so it splits over 1, 2 and 4 ranks alike).
 
     precision fp64: runs on 1, 2 and 4 ranks (and in pytest's threads vs OMP_NUM_THREADS=1 workers) sum
     the same gradients in another order. In fp32 that is ~1e-7 relative, and Lion's sign() turns an update
     that sits within it of zero into a 2*lr step on that weight, which then spreads: on an AMD EPYC (Zen 3)
-    1 and 2 ranks part from step 4 on and differ by up to 1.6e-3, on other CPUs they happened not to. In fp64 the same reorderings differ by ~1e-15, no update flips, and 1 vs 2 ranks end with
-    bit-identical weights (tests/test_distributed.py has the numbers)."""
-    tmp = tmp_path_factory.mktemp("dist")
+    1 and 2 ranks part from step 4 on and differ by up to 1.6e-3, on other CPUs they happened not to. In
+    fp64 the same reorderings differ by ~1e-15, no update flips, and 1 vs 2 ranks end with bit-identical
+    weights (tests/test_distributed.py has the numbers)."""
     train = write_token_dataset(tmp / "data" / "train", unique_windows(400, 64, 512, 0))
     val = write_token_dataset(tmp / "data" / "val", learnable_windows(32, 64, 512, 1))
     path = tmp / "run.yaml"
     path.write_text(
-        TINY_RUN.format(
+        tiny_run_yaml(
+            family,
             steps=DIST_STEPS,
             seq=64,
             batch=16,
@@ -231,6 +246,18 @@ def dist_config(tmp_path_factory) -> Path:
         + "precision: fp64\n"
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def dist_config(tmp_path_factory) -> Path:
+    """write_dist_config for MPT (the tiny preset)."""
+    return write_dist_config(tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="session")
+def dist_config_llama(tmp_path_factory) -> Path:
+    """write_dist_config for Llama (the llama-tiny preset, grouped-query attention)."""
+    return write_dist_config(tmp_path_factory.mktemp("dist_llama"), "llama")
 
 
 def _children(pid: int) -> list[int]:
@@ -342,17 +369,24 @@ class LaunchedRun:
         return code, self.output
 
 
+def reference_run(config: Path, run: Path) -> Path:
+    """The uninterrupted 2-rank run of `config` (synchronous saves), recording the rows of every step."""
+    rows = run.parent / "rows"
+    rows.mkdir()
+    code, out = LaunchedRun(config, run, nproc=2, env={"FOUNDRY_TEST_RECORD_BATCHES": str(rows)}).finish()
+    assert code == 0, out
+    return run
+
+
 @pytest.fixture(scope="session")
 def dist_reference(dist_config, tmp_path_factory) -> Path:
     """The uninterrupted 2-rank run of dist_config (synchronous saves), recording the rows of every step."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    rows = run.parent / "rows"
-    rows.mkdir()
-    code, out = LaunchedRun(
-        dist_config, run, nproc=2, env={"FOUNDRY_TEST_RECORD_BATCHES": str(rows)}
-    ).finish()
-    assert code == 0, out
-    return run
+    return reference_run(dist_config, tmp_path_factory.mktemp("reference") / "run")
+
+
+@pytest.fixture(scope="session")
+def dist_reference_llama(dist_config_llama, tmp_path_factory) -> Path:
+    return reference_run(dist_config_llama, tmp_path_factory.mktemp("reference_llama") / "run")
 
 
 def recorded_rows(rows_dir: Path) -> dict[int, list[int]]:
@@ -376,22 +410,31 @@ def recorded_rows(rows_dir: Path) -> dict[int, list[int]]:
     return {step: sorted(rows) for step, rows in merged.items()}
 
 
-@pytest.fixture(scope="session")
-def dist_one_rank(dist_config, tmp_path_factory) -> Path:
-    """dist_config in this process (no FSDP, no collectives), rows recorded as in dist_reference."""
+def one_rank_run(config: Path, run: Path) -> Path:
+    """`config` in this process (no FSDP, no collectives), rows recorded as in reference_run."""
     from foundry.config.load import load_config
     from foundry.train.trainer import train
 
-    run = tmp_path_factory.mktemp("one_rank") / "run"
     rows = run.parent / "rows"
     rows.mkdir()
     mp = pytest.MonkeyPatch()
     mp.setenv("FOUNDRY_TEST_RECORD_BATCHES", str(rows))
     try:
-        train(load_config(dist_config, [f"save_folder={run}"]))
+        train(load_config(config, [f"save_folder={run}"]))
     finally:
         mp.undo()
     return run
+
+
+@pytest.fixture(scope="session")
+def dist_one_rank(dist_config, tmp_path_factory) -> Path:
+    """dist_config in this process (no FSDP, no collectives), rows recorded as in dist_reference."""
+    return one_rank_run(dist_config, tmp_path_factory.mktemp("one_rank") / "run")
+
+
+@pytest.fixture(scope="session")
+def dist_one_rank_llama(dist_config_llama, tmp_path_factory) -> Path:
+    return one_rank_run(dist_config_llama, tmp_path_factory.mktemp("one_rank_llama") / "run")
 
 
 # --- ICL evaluation: a tokenizer and a tiny model trained on stdlib code (tests/test_icl_*.py, test_eval_cli.py)

@@ -28,6 +28,7 @@ the next loss by 7e-2 and every later one by 4e-3 or more.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -68,16 +69,21 @@ def _assert_same_weights(run: Path, reference: Path) -> None:
     assert worst <= 1e-12, f"final weights differ by up to {worst:.3g}"
 
 
-def test_two_ranks_match_one_rank(dist_reference, one_rank):
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_two_ranks_match_one_rank(family, request):
+    suffix = "" if family == "mpt" else f"_{family}"
+    dist_reference = request.getfixturevalue(f"dist_reference{suffix}")
+    one_rank = request.getfixturevalue(f"dist_one_rank{suffix}")
     _assert_losses_close(logged_losses(dist_reference), logged_losses(one_rank), TOL)
     two, one = _eval_losses(dist_reference), _eval_losses(one_rank)
     assert sorted(two) == [12, 24] and all(abs(two[s] - one[s]) < TOL for s in one), (two, one)
     # The global batch of every step is the same set of samples, however it is split over ranks.
     assert recorded_rows(dist_reference.parent / "rows") == recorded_rows(one_rank.parent / "rows")
     _assert_same_weights(dist_reference, one_rank)
-    # Learning happened (a run that trains on nothing would also "match").
+    # Learning happened (a run that trains on nothing would also "match"): 1.5 nats below the start and below
+    # chance (log 512 = 6.24; MPT's kaiming init starts above it, Llama's std-0.02 init at it).
     losses = logged_losses(one_rank)
-    assert losses[DIST_STEPS] < losses[1] - 2.0
+    assert losses[DIST_STEPS] < min(losses[1], math.log(512)) - 1.5, (losses[1], losses[DIST_STEPS])
 
 
 def test_fsdp_options_hybrid_ac_offload_match_one_rank(dist_config, one_rank, tmp_path):

@@ -77,3 +77,31 @@ def test_peak_table(name, peak):
 
 def test_no_peak_on_cpu():
     assert peak_flops("cpu") is None
+
+
+def test_llama_param_counts_and_flops_in_both_conventions():
+    from foundry.config.model import LlamaConfig, RopeScalingConfig
+    from foundry.models import build_model
+    from foundry.models.build import num_matmul_params
+    from foundry.train.flops import matmul_param_count, param_count
+
+    llama2_7b = LlamaConfig(d_model=4096, n_heads=32, n_layers=32, intermediate_size=11008, vocab_size=32000)
+    # per layer: 4 * 4096^2 attention + 3 * 4096 * 11008 SwiGLU + 2 * 4096 norms = 202,383,360
+    assert param_count(llama2_7b, 32000) == 32 * 202_383_360 + 2 * 32000 * 4096 + 4096 == 6_738_415_616
+    n = matmul_param_count(llama2_7b, 32000)
+    assert n == 6_738_415_616 - 32000 * 4096 == 6_607_343_616  # the input embedding is a lookup
+    # at 4096 tokens: 6N = 39,644,061,696; attention 12 * 32 * 4096 * 4096 = 6,442,450,944 (full square)
+    assert flops_per_token(llama2_7b, n, 4096, causal=False) == 39_644_061_696 + 6_442_450_944
+    assert flops_per_token(llama2_7b, n, 4096) == 39_644_061_696 + 3_221_225_472
+    # GQA: k and v at 8 of 64 heads (Llama-2-70B: 68,976,648,192 parameters).
+    llama2_70b = LlamaConfig(d_model=8192, n_heads=64, n_kv_heads=8, n_layers=80, intermediate_size=28672)
+    assert param_count(llama2_70b, 32000) == 68_976_648_192
+    # Tied (Llama 3.2 1B): the embedding is the output matmul, so N is every parameter.
+    tied = LlamaConfig(d_model=2048, n_heads=32, n_kv_heads=8, n_layers=16, intermediate_size=8192,
+                       tie_word_embeddings=True, rope_scaling=RopeScalingConfig(factor=32.0))  # fmt: skip
+    assert matmul_param_count(tied, 128256) == param_count(tied, 128256) == 1_235_814_400
+    # The same counts off built models.
+    for cfg, vocab in ((llama2_7b, 32000), (tied, 128256), (MPT_7B, 50432)):
+        assert num_matmul_params(build_model(cfg, vocab_size=vocab, device="meta")) == matmul_param_count(
+            cfg, vocab
+        )

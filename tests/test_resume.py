@@ -5,16 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import finish_run, kill_run_after, logged_losses
 
 from foundry import checkpoint as ckpt
 
 
-def test_sigkill_twice_then_resume_matches_uninterrupted(tiny_run, tmp_path: Path):
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_sigkill_twice_then_resume_matches_uninterrupted(tiny_run, tmp_path: Path, family):
     # Steps slow enough (~0.1 s) that the kills land mid-run, between checkpoints (every 5 steps).
     config = tiny_run(
-        steps=40, seq=64, batch=16, micro=8, vocab=512, d_model=128, save_every=5, eval_every=20
+        steps=40,
+        seq=64,
+        batch=16,
+        micro=8,
+        vocab=512,
+        d_model=128,
+        save_every=5,
+        eval_every=20,
+        family=family,
     )
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     finish_run(config, reference)

@@ -132,3 +132,20 @@ def test_fused_lion_kernel_matches_float64_reference_in_the_triton_interpreter()
     assert proc.returncode == 0, proc.stderr[-2000:]
     p_err, m_err = map(float, proc.stdout.split())
     assert p_err < 1e-6 and m_err < 1e-7
+
+
+def test_llama_preset_and_its_hf_baseline_with_both_mfu_conventions():
+    out = _run(
+        "--model", "llama-tiny", "--seq-len", "32", "--micro-batch", "2", "--steps", "2", "--warmup", "1",
+        "--vocab-size", "256", "--no-compile", "--baseline", "hf", "--json",
+    )  # fmt: skip
+    ours, hf = out["results"]
+    assert ours["family"] == "llama_causal_lm" and hf["model_class"] == "LlamaForCausalLM"
+    assert ours["attn_impl"] == "torch" and all(4.0 < loss < 7.0 for loss in ours["losses"])
+    # llama-tiny: untied, so N leaves the 256 x 128 input embedding out (the lm_head stays in).
+    assert ours["matmul_params"] == ours["n_params"] - 256 * 128 == hf["matmul_params"]
+    assert ours["n_params"] == hf["n_params"]
+    attention = 12 * 2 * 128 * 32
+    assert ours["flops_per_token"] == 6 * ours["matmul_params"] + attention / 2  # causal-halved
+    assert ours["flops_per_token_full"] == 6 * ours["matmul_params"] + attention  # torchtitan's full square
+    assert out["mfu"] is None and out["mfu_full"] is None  # a CPU has no peak FLOP/s entry

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import pytest
 from conftest import read_metrics
 
 from foundry import checkpoint as ckpt
@@ -11,11 +13,18 @@ from foundry.config.load import load_config
 from foundry.train.trainer import train
 
 
-def test_tiny_run_learns(tiny_run, tmp_path: Path):
-    cfg = load_config(tiny_run(steps=30), [f"save_folder={tmp_path / 'run'}"])
+@pytest.mark.parametrize("family", ["mpt", "llama"])
+def test_tiny_run_learns(tiny_run, tmp_path: Path, family):
+    cfg = load_config(tiny_run(steps=30, family=family), [f"save_folder={tmp_path / 'run'}"])
+    assert cfg.model.name == f"{family}_causal_lm"
     result = train(cfg)
     assert result.step == 30 and result.tokens == 30 * 8 * 32
-    assert result.last_loss < result.first_loss - 1.5, (result.first_loss, result.last_loss)
+    # A nat below its start and below chance (log 128 = 4.85): MPT's kaiming init starts above chance (~6.1),
+    # Llama's std-0.02 init at it (~4.9); both end near 3.5.
+    assert result.last_loss < min(result.first_loss, math.log(128)) - 1.0, (
+        result.first_loss,
+        result.last_loss,
+    )
     assert result.last_eval_loss < result.first_eval_loss - 0.5
 
     run = tmp_path / "run"

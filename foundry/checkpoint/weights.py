@@ -142,8 +142,17 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {key[len(MODEL_PREFIX) :]: value for key, value in state.items()}
 
 
-def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config_yaml: str) -> Path:
-    """A weights-only checkpoint (what `foundry convert from-hf` writes and `load_path=` reads). One process."""
+def save_weights(
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    config_yaml: str,
+    files: dict[str, Path] | None = None,
+) -> Path:
+    """A weights-only checkpoint (what `foundry convert from-hf` writes and `load_path=` reads). One process.
+
+    ``files``: name inside the checkpoint (e.g. ``tokenizer/tokenizer.json``) -> a file to copy in; they are
+    checksummed with the rest.
+    """
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
@@ -153,6 +162,9 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config_y
         dcp.save({"model": state_dict}, checkpoint_id=str(tmp), no_dist=True)
     (tmp / TRAINER_STATE).write_text(json.dumps({"step": 0, "weights_only": True}))
     (tmp / CONFIG_FILE).write_text(config_yaml)
+    for name, source in (files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, tmp / name)
     finalize(tmp, final, 0)
     return final
 

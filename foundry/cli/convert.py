@@ -11,7 +11,8 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(
-    help="Convert checkpoints to and from Hugging Face (stock transformers MptForCausalLM).",
+    help="Convert checkpoints to and from Hugging Face folders (stock transformers MptForCausalLM and "
+    "LlamaForCausalLM, no trust_remote_code).",
     no_args_is_help=True,
 )
 
@@ -22,15 +23,21 @@ def to_hf(
         ..., help="A run folder (its newest complete checkpoint) or one checkpoint folder."
     ),
     out_dir: Path = typer.Argument(..., help="Where to write the Hugging Face folder."),
-    dtype: str = typer.Option("float32", help="Weight dtype in the exported files: float32 or bfloat16."),
+    dtype: str = typer.Option(
+        "float32", help="Weight dtype in the exported files: float32, bfloat16, float16, or auto (as stored)."
+    ),
     tokenizer: str = typer.Option(
         None, help="Tokenizer folder to copy in (default: the run's tokenizer.name)."
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace OUT_DIR if it is not empty (everything in it goes)."
     ),
+    max_shard_size: str = typer.Option(
+        "5GB", help="Split the weights into model-0000N-of-0000M.safetensors files of at most this size."
+    ),
 ) -> None:
-    """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code).
+    """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code):
+    MptForCausalLM for MPT runs, LlamaForCausalLM for Llama ones, with the tokenizer and its added tokens.
 
     Examples:
 
@@ -41,9 +48,12 @@ def to_hf(
       foundry convert to-hf runs/tiny-cpu hf/tiny-cpu --overwrite
 
     The folder is written beside OUT_DIR and renamed into place when complete.
+
+      foundry convert to-hf weights/llama3-8b hf/llama3-8b --dtype auto --max-shard-size 2GB
     """
     from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
-    from foundry.convert.hf import export_hf
+    from foundry.config.size import parse_size
+    from foundry.convert.hf import DTYPE_NAMES, adapter_for, export_hf
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -52,13 +62,25 @@ def to_hf(
         raise ConfigError(
             f"{out_dir} is not empty: pass --overwrite to replace it (its files go), or choose another OUT_DIR"
         )
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     path = resolve_checkpoint(run_or_checkpoint)
     cfg = checkpoint_config(path)
     state = load_model_weights(path)
-    vocab_size = state["transformer.wte.weight"].shape[0]
+    embedding = state[adapter_for(cfg.model).EMBEDDING]
+    if dtype == "auto":
+        dtype = DTYPE_NAMES.get(embedding.dtype, "float32")
+    typer.echo(
+        f"exporting {sum(t.numel() for t in state.values()):,} parameters ({cfg.model.name}) as {dtype}"
+    )
     with _replacing(out_dir) as tmp:
         export_hf(
-            state, cfg.model, vocab_size, tmp, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype
+            state,
+            cfg.model,
+            embedding.shape[0],
+            tmp,
+            tokenizer_dir=tokenizer or cfg.tokenizer.name,
+            dtype=dtype,
+            max_shard_bytes=shard_bytes,
         )
     typer.echo(f"wrote {out_dir} from {path}")
 
@@ -84,30 +106,47 @@ def _replacing(out: Path):
 @app.command("from-hf")
 def from_hf(
     hf_dir: Path = typer.Argument(
-        ..., help="A local Hugging Face MPT folder (saved by transformers, or a released MPT checkpoint)."
+        ...,
+        help="A local Hugging Face folder: MPT (saved by transformers, or a released MPT checkpoint) or Llama "
+        "(config.json, model.safetensors or model-0000N-of-0000M.safetensors + index, or .bin files).",
     ),
     out: Path = typer.Argument(..., help="Where to write the foundry weights checkpoint."),
 ) -> None:
-    """Import a Hugging Face MPT folder as a foundry checkpoint; start training from it with load_path=OUT.
+    """Import a Hugging Face MPT or Llama folder as a foundry checkpoint; train from it with load_path=OUT.
+
+    The folder's tokenizer files (tokenizer.json, tokenizer.model, their settings and added tokens) are
+    copied into OUT/tokenizer, and the checkpoint's tokenizer.name points there. A run can also start from
+    the HF folder itself (load_path=HF_DIR): each rank then reads only its shard of the weights.
 
     Examples:
 
       foundry convert from-hf ./mpt-7b weights/mpt-7b
+
+      foundry convert from-hf ./Llama-2-7b-hf weights/llama2-7b
 
       foundry pretrain yamls/pretrain/mpt-7b.yaml load_path=weights/mpt-7b
     """
     from foundry.checkpoint import save_weights
     from foundry.config.load import to_yaml
     from foundry.config.schema import TokenizerConfig, TrainConfig
-    from foundry.convert.hf import import_hf
+    from foundry.convert.hf import TOKENIZER_SUBDIR, check_tokenizer, import_hf, tokenizer_files
 
+    typer.echo(f"reading {hf_dir}")
     state, model_cfg, vocab_size = import_hf(hf_dir)
-    has_tokenizer = any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    cfg = TrainConfig(
-        model=model_cfg,
-        tokenizer=TokenizerConfig(name=str(Path(hf_dir).resolve()) if has_tokenizer else None),
-    )
-    save_weights(out, state, to_yaml(cfg))
+    files = tokenizer_files(hf_dir)
+    tokenizer_name = None
+    if files:
+        problem = check_tokenizer(hf_dir)
+        if problem:
+            typer.secho(
+                f"warning: the tokenizer files are copied, but {problem}", fg=typer.colors.YELLOW, err=True
+            )
+        tokenizer_name = str(out.resolve() / TOKENIZER_SUBDIR)
+    cfg = TrainConfig(model=model_cfg, tokenizer=TokenizerConfig(name=tokenizer_name))
+    save_weights(out, state, to_yaml(cfg), files=files)
+    n = sum(t.numel() for t in state.values())
     typer.echo(
-        f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters); train from it with load_path={out}"
+        f"wrote {out} ({model_cfg.name}, {n:,} parameters"
+        + (f", tokenizer in {tokenizer_name}" if tokenizer_name else ", no tokenizer in the folder")
+        + f"); train from it with load_path={out}"
     )

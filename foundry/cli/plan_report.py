@@ -141,8 +141,22 @@ def _stream_json(s: SourceRow) -> dict[str, Any]:
     return out
 
 
-def plan_json(cfg: TrainConfig) -> dict[str, Any]:
-    """The plan as one JSON-ready object: proportions as fractions of 1, token counts as plain numbers."""
+def plan_json(cfg: TrainConfig, world_size: int | None = None, gpu: str | None = None) -> dict[str, Any]:
+    """The plan as one JSON-ready object: proportions as fractions of 1, token counts as plain numbers.
+
+    With ``world_size``: also ``n_params`` and ``memory`` (foundry/cli/plan_memory.py), for ``gpu`` if named.
+    """
+    out = _phases_json(cfg)
+    if world_size is not None:
+        from foundry.cli.plan_memory import memory_json, memory_report
+
+        report = memory_report(cfg, world_size, gpu)
+        out["n_params"] = report.estimate.n_params if report.estimate else None
+        out["memory"] = memory_json(report)
+    return out
+
+
+def _phases_json(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "phases": [
             {
@@ -233,12 +247,20 @@ def _tables(cfg: TrainConfig) -> list[Any]:
     return out
 
 
-def print_plan(cfg: TrainConfig, console: Any = None) -> None:
+def print_plan(
+    cfg: TrainConfig, console: Any = None, world_size: int | None = None, gpu: str | None = None
+) -> None:
+    """The phase tables; with ``world_size`` also the memory per GPU (and the fit on ``gpu``)."""
     from rich.console import Console
 
     console = console or Console()
     for item in _tables(cfg):
         console.print(item)
+    if world_size is not None:
+        from foundry.cli.plan_memory import memory_renderables, memory_report
+
+        for item in memory_renderables(memory_report(cfg, world_size, gpu)):
+            console.print(item)
 
 
 def render_plan(cfg: TrainConfig, width: int = 120) -> str:

@@ -118,6 +118,112 @@ class MPTConfig(ModelConfig):
         self.init_config.validate(f"{path}.init_config")
 
 
+ROPE_TYPES = ("llama3",)
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama 3.1's RoPE frequency scaling (transformers' ``rope_scaling: {rope_type: llama3, ...}``): wavelengths
+    longer than ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``, those shorter
+    than ``.../ high_freq_factor`` kept, the band between interpolated."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self, path: str) -> None:
+        one_of(self.rope_type, ROPE_TYPES, f"{path}.rope_type")
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            positive(getattr(self, key), f"{path}.{key}")
+        if self.factor < 1:
+            raise ConfigError(f"must be >= 1 (it stretches wavelengths), got {self.factor}", f"{path}.factor")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"must be larger than low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}",
+                f"{path}.high_freq_factor",
+            )
+
+
+@dataclass
+class LlamaInitConfig:
+    """Normal(0, init_std) for every matrix and the embedding, as transformers' ``initializer_range``; norms 1."""
+
+    init_std: float = 0.02
+    emb_init_std: float | None = None  # None: init_std
+    # Divide the matrices that write into the residual stream (o_proj, down_proj) by sqrt(2 * n_layers), as
+    # GPT-2 and MPT do. Off by default: transformers' Llama (and Meta's) does not.
+    init_div_is_residual: bool = False
+
+    def validate(self, path: str) -> None:
+        positive(self.init_std, f"{path}.init_std")
+        if self.emb_init_std is not None:
+            positive(self.emb_init_std, f"{path}.emb_init_std")
+
+
+@dataclass
+class LlamaConfig(ModelConfig):
+    """Llama 2 / 3 (transformers' ``LlamaForCausalLM``): RMSNorm, SwiGLU MLP, rotary positions, grouped-query
+    attention, no biases; the output matrix untied from the embedding unless ``tie_word_embeddings``."""
+
+    name: str = "llama_causal_lm"
+    d_model: int = 4096
+    n_heads: int = 32
+    n_layers: int = 32
+    max_seq_len: int = 4096
+    n_kv_heads: int | None = None  # None: n_heads (multi-head attention); fewer: grouped-query attention
+    intermediate_size: int = 11008
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig | None = None
+    tie_word_embeddings: bool = False
+    attn_pdrop: float = 0.0
+    attn_impl: str = "auto"  # auto: SDPA (its flash kernel: causal, no bias); flex or flash on request
+    init_config: LlamaInitConfig = field(default_factory=LlamaInitConfig)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:  # one spelling per architecture: configs compare equal when models do
+            self.n_kv_heads = self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if self.n_kv_heads is not None:
+            positive(self.n_kv_heads, f"{path}.n_kv_heads")
+            if self.n_heads % self.n_kv_heads:
+                raise ConfigError(
+                    f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads} (each key/value "
+                    "head serves the same number of query heads)",
+                    f"{path}.n_kv_heads",
+                )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"the head dimension d_model / n_heads = {self.d_model} / {self.n_heads} = {self.head_dim} is odd; "
+                "rotary embeddings rotate pairs of dimensions: choose d_model and n_heads so it is even",
+                f"{path}.d_model",
+            )
+        positive(self.intermediate_size, f"{path}.intermediate_size")
+        positive(self.rms_norm_eps, f"{path}.rms_norm_eps")
+        if not self.rope_theta > 1:
+            raise ConfigError(
+                f"must be > 1 (the base of the rotary wavelengths), got {self.rope_theta}",
+                f"{path}.rope_theta",
+            )
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(f"{path}.rope_scaling")
+        positive(self.attn_pdrop, f"{path}.attn_pdrop", allow_zero=True)
+        one_of(self.attn_impl, ATTN_IMPLS, f"{path}.attn_impl")
+        self.init_config.validate(f"{path}.init_config")
+
+
 # model.name -> the family's config dataclass. A new family adds its dataclass here and its modules
 # under foundry/models/<family>/ (registered in foundry/models/build.py).
-MODEL_FAMILIES: dict[str, type[ModelConfig]] = {"mpt_causal_lm": MPTConfig}
+MODEL_FAMILIES: dict[str, type[ModelConfig]] = {"mpt_causal_lm": MPTConfig, "llama_causal_lm": LlamaConfig}

@@ -22,10 +22,12 @@ from foundry.convert.safetensors_io import SafetensorsFile
 from foundry.errors import FoundryError
 from foundry.models.build import assign_full, build_model
 from foundry.models.growth import can_grow, grown, token_row_names
+from foundry.models.llama import hf as llama_hf
 from foundry.models.mpt import hf as mpt_hf
 
 log = logging.getLogger("foundry")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 _WEIGHT_FILES = (
     "model.safetensors.index.json",
@@ -34,7 +36,7 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
 )
 # model.name -> adapter, and the HF model_type each adapter reads.
-ADAPTERS: dict[str, ModuleType] = {"mpt_causal_lm": mpt_hf}
+ADAPTERS: dict[str, ModuleType] = {"mpt_causal_lm": mpt_hf, "llama_causal_lm": llama_hf}
 
 
 def adapter_for(cfg: ModelConfig) -> ModuleType:
@@ -229,55 +231,68 @@ def is_hf_folder(path: str | Path) -> bool:
 def load_hf_into(model: torch.nn.Module, hf_dir: str | Path) -> None:
     """Fill `model` (FSDP2-sharded or not) from a HF folder, each rank reading only the rows it owns.
 
-    safetensors files are opened lazily and sliced (``get_slice``), so a rank's peak host memory is its
-    share of the model, not the model; .bin files are memory-mapped. The folder's architecture must be
-    the run's (`model:` in the YAML), or the load is refused with the settings that differ.
+    safetensors files are read by positioned reads of the rows a rank owns (foundry/convert/safetensors_io.py),
+    so a rank's peak host memory is its share of the model, not the model; .bin files are memory-mapped and
+    read one at a time, closed after (pages touched in a mapped file count as memory until it is closed).
+    The folder's architecture must be the run's (`model:` in the YAML), or the load is refused with the
+    settings that differ.
     """
-    from torch.distributed.tensor import DTensor
-
     path = Path(hf_dir)
     raw = json.loads((path / "config.json").read_text())
     adapter = _adapter_for_type(raw.get("model_type"), str(path))
     _check_same_architecture(model.cfg, adapter.config_from_hf(raw, source=str(path)), path)
     index = _tensor_index(path)
     token_rows = token_row_names(model)
-    with _TensorReader(path) as reader:
-        for name, tensor in _named_tensors(model):
-            hf_name = adapter.hf_name(name)
-            if hf_name not in index:
-                raise FoundryError(
-                    f"{path} has no tensor {hf_name} (for {name}); is it a {model.cfg.name} model?"
-                )
-            full_shape = tuple(tensor.shape)
-            stored = reader.shape(index[hf_name], hf_name)
-            if can_grow(name, stored, full_shape, token_rows):
-                # Fewer token rows than the run's vocabulary: read it whole and grow it (foundry/models/growth.py).
-                whole = reader.read(index[hf_name], hf_name, tuple(slice(0, n) for n in stored))
-                assign_full(tensor, grown(whole, full_shape[0]))
-                log.info(
-                    "load_path: %s grows from %d to %d rows; the new rows start at the mean of the old ones",
-                    hf_name, stored[0], full_shape[0],
-                )  # fmt: skip
-                continue
-            if stored != full_shape:
-                raise FoundryError(
-                    f"{path}: {hf_name} has shape {stored}, the run's model wants {full_shape} "
-                    "(set model.vocab_size / the architecture to the folder's, see its config.json)"
-                )
-            local, offset = tensor, (0,) * len(full_shape)
-            if isinstance(tensor, DTensor):
-                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    by_file: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
+    for name, tensor in _named_tensors(model):
+        hf_name = adapter.hf_name(name)
+        if hf_name not in index:
+            raise FoundryError(
+                f"{path} has no tensor {hf_name} (for {name}); is it a {model.cfg.name} model?"
+            )
+        by_file.setdefault(index[hf_name], []).append((name, hf_name, tensor))
+    for file in sorted(by_file):
+        with _TensorReader(path) as reader:
+            for name, hf_name, tensor in by_file[file]:
+                _load_tensor(reader, file, name, hf_name, tensor, path, token_rows)
 
-                shape, offset = compute_local_shape_and_global_offset(
-                    tensor.shape, tensor.device_mesh, tensor.placements
-                )
-                local = tensor.to_local()
-                assert tuple(local.shape) == tuple(shape), (name, local.shape, shape)
-            if local.numel() == 0:
-                continue
-            region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
-            with torch.no_grad():
-                local.copy_(reader.read(index[hf_name], hf_name, region))
+
+def _load_tensor(
+    reader, file: str, name: str, hf_name: str, tensor: torch.Tensor, path: Path, token_rows: list[str]
+) -> None:
+    from torch.distributed.tensor import DTensor
+
+    full_shape = tuple(tensor.shape)
+    stored = reader.shape(file, hf_name)
+    if can_grow(name, stored, full_shape, token_rows):
+        # Fewer token rows than the run's vocabulary: read it whole and grow it (foundry/models/growth.py).
+        assign_full(
+            tensor, grown(reader.read(file, hf_name, tuple(slice(0, n) for n in stored)), full_shape[0])
+        )
+        log.info(
+            "load_path: %s grows from %d to %d rows; the new rows start at the mean of the old ones",
+            hf_name, stored[0], full_shape[0],
+        )  # fmt: skip
+        return
+    if stored != full_shape:
+        raise FoundryError(
+            f"{path}: {hf_name} has shape {stored}, the run's model wants {full_shape} "
+            "(set model.vocab_size / the architecture to the folder's, see its config.json)"
+        )
+    local, offset = tensor, (0,) * len(full_shape)
+    if isinstance(tensor, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(
+            tensor.shape, tensor.device_mesh, tensor.placements
+        )
+        local = tensor.to_local()
+        assert tuple(local.shape) == tuple(shape), (name, local.shape, shape)
+    if local.numel() == 0:
+        return
+    region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+    with torch.no_grad():
+        local.copy_(reader.read(file, hf_name, region))
 
 
 def _named_tensors(model: torch.nn.Module):
@@ -362,6 +377,49 @@ class _TensorReader:
     def read(self, file: str, name: str, region: tuple[slice, ...]) -> torch.Tensor:
         handle = self._file(file)
         return handle[name][region] if isinstance(handle, dict) else handle.read(name, region)
+
+
+# --- tokenizer files --------------------------------------------------------------------------------------
+
+# What transformers' tokenizers read from a model folder: sentencepiece (tokenizer.model), fast (tokenizer.json)
+# or BPE (vocab.json + merges.txt) files, their settings, added and special tokens, chat templates.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def tokenizer_files(hf_dir: str | Path) -> dict[str, Path]:
+    """The tokenizer files of a HF folder, as {name in a checkpoint: source file} (empty if it has none).
+
+    config.json comes along: a tokenizer_config.json without ``tokenizer_class`` (or a bare tokenizer.model)
+    is resolved by AutoTokenizer through the model_type in config.json.
+    """
+    path = Path(hf_dir)
+    if not any((path / f).is_file() for f in _TOKENIZER_CORE):
+        return {}
+    names = [f for f in (*TOKENIZER_FILES, "config.json") if (path / f).is_file()]
+    return {f"{TOKENIZER_SUBDIR}/{name}": path / name for name in names}
+
+
+def check_tokenizer(tokenizer_dir: str | Path) -> str | None:
+    """None if transformers loads the tokenizer in `tokenizer_dir`, else why not (one line)."""
+    from foundry.data.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(str(tokenizer_dir))
+    except FoundryError as e:
+        return str(e)
+    return None
 
 
 # --- shared -----------------------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
-"""Causal self-attention with ALiBi, behind one switch: ``attn_config.attn_impl``.
+"""Causal self-attention for every family, behind one switch (MPT: ``attn_config.attn_impl``, Llama: ``attn_impl``).
 
-- ``torch``: ``F.scaled_dot_product_attention`` with a materialized ALiBi + causal bias (portable; the CPU path).
-- ``flex``: FlexAttention, ALiBi as a ``score_mod`` and causality as a ``BlockMask`` (one fused kernel).
-- ``flash``: flash-attn 2 with ``alibi_slopes`` (optional package).
-- ``auto``: flex on CUDA, torch elsewhere.
+Position enters one of two ways: MPT's ALiBi (a per-head linear bias on the scores, ``AttentionPlan.slopes``), or
+no bias at all (Llama: rotary embeddings already applied to q and k, ``slopes`` None). Backends:
+
+- ``torch``: ``F.scaled_dot_product_attention``. With ALiBi, a materialized ALiBi + causal bias (portable; the CPU
+  path). Without a bias, ``is_causal=True``: on CUDA its flash kernel runs (no additive bias to block it).
+- ``flex``: FlexAttention, causality as a ``BlockMask`` (one fused kernel), ALiBi as a ``score_mod`` if any.
+- ``flash``: flash-attn 2, ``causal=True`` and ``alibi_slopes`` if any (optional package).
+- ``auto``: ALiBi: flex on CUDA, torch elsewhere. No bias: torch (SDPA's flash kernel) everywhere.
+
+Grouped-query attention (fewer key/value heads than query heads) runs natively in every backend: the key/value
+heads are not repeated in memory.
 
 Packed sequences (a batch's ``seq_ids``, foundry/data/batches.py): a token attends only to the earlier
 tokens of its own sequence, a padding token only to itself. flex builds one document BlockMask per
@@ -50,13 +57,16 @@ def alibi_causal_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
     return bias.masked_fill(distance > 0, float("-inf"))[None]
 
 
-def alibi_bias(slopes: torch.Tensor, q_len: int, kv_len: int, q_offset: int) -> torch.Tensor:
-    """Additive bias [1, H, q_len, kv_len] (fp32) for queries at positions q_offset.. over keys 0..kv_len-1
-    (generation with a KV cache): ALiBi where the key is not after the query, -inf where it is."""
-    q_pos = torch.arange(q_offset, q_offset + q_len, device=slopes.device)
-    k_pos = torch.arange(kv_len, device=slopes.device)
+def offset_causal_bias(
+    slopes: torch.Tensor | None, q_len: int, kv_len: int, q_offset: int, device
+) -> torch.Tensor:
+    """Additive bias [1, H or 1, q_len, kv_len] (fp32) for queries at positions q_offset.. over keys
+    0..kv_len-1 (generation with a KV cache): ALiBi (or 0 without slopes) where the key is not after the
+    query, -inf where it is. SDPA's is_causal aligns the mask top-left, which is wrong once q_len < kv_len."""
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
     distance = (k_pos[None, :] - q_pos[:, None]).float()
-    bias = slopes[:, None, None] * distance
+    bias = slopes[:, None, None] * distance if slopes is not None else torch.zeros_like(distance)[None]
     return bias.masked_fill(distance > 0, float("-inf"))[None]
 
 
@@ -73,10 +83,15 @@ def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attn_impl(impl: str, device: torch.device | str, dropout_p: float = 0.0) -> str:
-    """The backend that runs for ``impl`` on ``device`` (what the trainer logs)."""
+def resolve_attn_impl(
+    impl: str, device: torch.device | str, dropout_p: float = 0.0, alibi: bool = True
+) -> str:
+    """The backend that runs for ``impl`` on ``device`` (what the trainer logs). ``alibi``: the family's
+    attention has an ALiBi bias (MPT); without one (Llama) SDPA's own causal flash kernel is the fast path."""
     device_type = torch.device(device).type
     if impl == "auto":
+        if not alibi:
+            return "torch"
         # FlexAttention has no dropout; with attention dropout in training fall back to SDPA.
         return "flex" if device_type == "cuda" and dropout_p == 0 else "torch"
     if impl == "flash":
@@ -118,6 +133,13 @@ def causal_block_mask(seq_len: int, device: torch.device):
     return create_block_mask(_causal, None, None, seq_len, seq_len, device=device)
 
 
+def _alibi_score_mod(slopes: torch.Tensor):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    return score_mod
+
+
 def document_mask_mod(seq_ids: torch.Tensor):
     """A flex mask_mod: causal, within one sequence of the row; a padding token sees only itself."""
 
@@ -140,65 +162,71 @@ def document_block_mask(seq_ids: torch.Tensor):
     )  # fmt: skip
 
 
-def _alibi_score_mod(slopes: torch.Tensor):
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + slopes[h] * (kv_idx - q_idx)
-
-    return score_mod
-
-
 @dataclass
 class AttentionPlan:
-    """What every layer of one forward pass shares: the backend, the slopes and the mask or bias.
+    """What every layer of one forward pass shares: the backend, the positional terms and the mask or bias.
 
-    Built once per forward outside the blocks, so compiled blocks only read it.
+    Built once per forward outside the blocks, so compiled blocks only read it. A family adds what its layers
+    share (Llama: the rotary cos/sin tables).
     """
 
     impl: str
-    slopes: torch.Tensor  # [H] fp32
+    slopes: torch.Tensor | None = None  # ALiBi: [H] fp32. None: no positional bias on the scores
     block_mask: object | None = None  # flex: causal BlockMask
     flex_fn: object | None = None  # flex: the compiled kernel
-    bias: torch.Tensor | None = None  # torch: [1, H, S, S] ALiBi + causal -inf
+    bias: torch.Tensor | None = None  # torch with ALiBi: [1, H, S, S] ALiBi + causal -inf
     kernel_options: dict | None = (
         None  # flex: FlexAttention kernel options (CAUSAL_FLEX_OPTIONS + the caller's)
     )
+    rope_cos: torch.Tensor | None = (
+        None  # rotary (Llama): [S or B x S, 1, head_dim] fp32, applied before attend()
+    )
+    rope_sin: torch.Tensor | None = None
     cache: object | None = None  # generation: the KVCache each layer appends its keys/values to
 
 
 def plan_attention(
     impl: str,
-    slopes: torch.Tensor,
+    slopes: torch.Tensor | None,
     seq_len: int,
     dtype: torch.dtype,
     block_masks: dict,
     kernel_options: dict | None = None,
+    device: torch.device | None = None,
     *,
     seq_ids: torch.Tensor | None = None,
     cache=None,
 ) -> AttentionPlan:
     """The plan for one forward. ``dtype``: the attention inputs' dtype (the autocast dtype under autocast).
 
-    ``block_masks`` caches causal flex BlockMasks by (seq_len, device) across calls. ``seq_ids`` [B, S]:
-    packed sequences (a document mask, built here once per forward). ``cache``: a KVCache holding
-    ``cache.length`` earlier positions (generation; the torch path, whatever ``impl``).
+    ``slopes`` None: no positional bias (then ``device`` says where it runs). ``block_masks`` caches
+    causal flex BlockMasks by (seq_len, device) across calls. ``seq_ids`` [B, S]: packed sequences (a
+    document mask, built here once per forward). ``cache``: a KVCache holding ``cache.length`` earlier
+    positions (generation; the torch path, whatever ``impl``).
     """
+    device = slopes.device if slopes is not None else device
     if cache is not None:
         past = cache.length
-        bias = alibi_bias(slopes, seq_len, past + seq_len, past)
+        bias = offset_causal_bias(slopes, seq_len, past + seq_len, past, device)
         return AttentionPlan(impl="torch", slopes=slopes, bias=bias.to(dtype), cache=cache)
     plan = AttentionPlan(impl=impl, slopes=slopes)
     if impl == "flex":
         if seq_ids is None:
-            key = (seq_len, str(slopes.device))
+            key = (seq_len, str(device))
             if key not in block_masks:
-                block_masks[key] = causal_block_mask(seq_len, slopes.device)
+                block_masks[key] = causal_block_mask(seq_len, device)
             plan.block_mask = block_masks[key]
         else:
             plan.block_mask = document_block_mask(seq_ids)
         plan.flex_fn = _compiled_flex_attention()
         plan.kernel_options = {**CAUSAL_FLEX_OPTIONS, **(kernel_options or {})}
     elif impl == "torch":
-        bias = alibi_causal_bias(slopes, seq_len)
+        if slopes is not None:
+            bias = alibi_causal_bias(slopes, seq_len)
+        elif seq_ids is not None:  # no positional bias: only the mask
+            bias = offset_causal_bias(None, seq_len, seq_len, 0, device)
+        else:
+            return plan  # SDPA's own causal mask (its flash kernel on CUDA)
         if seq_ids is not None:
             bias = bias.masked_fill(~same_sequence(seq_ids)[:, None], float("-inf"))  # [B, H, S, S]
         plan.bias = bias.to(dtype)  # SDPA wants the bias in the query's dtype
@@ -213,7 +241,9 @@ def plan_attention(
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float, dropout_p: float
 ) -> torch.Tensor:
-    """Causal ALiBi attention. q, k, v and the result are [B, S, H, head_dim]."""
+    """Causal attention (ALiBi if the plan has slopes). q and the result are [B, S, H, head_dim]; k and v
+    [B, S, H_kv, head_dim] with H a multiple of H_kv (grouped-query attention when H_kv < H)."""
+    gqa = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
     if plan.impl == "flash":
         from flash_attn import flash_attn_func
 
@@ -231,11 +261,16 @@ def attend(
             q,
             k,
             v,
-            score_mod=_alibi_score_mod(plan.slopes),
+            score_mod=_alibi_score_mod(plan.slopes) if plan.slopes is not None else None,
             block_mask=plan.block_mask,
             scale=scale,
             kernel_options=plan.kernel_options,
+            **gqa,
+        )
+    elif plan.bias is not None:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale, **gqa
         )
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, **gqa)
     return out.transpose(1, 2)

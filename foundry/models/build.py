@@ -18,6 +18,8 @@ from torch import nn
 
 from foundry.config.model import ModelConfig
 from foundry.errors import ConfigError, FoundryError
+from foundry.models.llama import init as llama_init
+from foundry.models.llama.model import LlamaForCausalLM
 from foundry.models.mpt import init as mpt_init
 from foundry.models.mpt.model import MPTForCausalLM
 
@@ -35,6 +37,10 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "mpt_causal_lm": Family(MPTForCausalLM, mpt_init.initializer, 128),
+    # Llama keeps the vocabulary it is given: Hugging Face folders hold any row count (32000, 128256, or 32001
+    # after an added pad token), and padding would change the tensors a round trip must give back. The presets
+    # set round sizes.
+    "llama_causal_lm": Family(LlamaForCausalLM, llama_init.initializer, 1),
 }
 
 
@@ -114,6 +120,15 @@ def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
     if exclude_embedding:
         total -= model.get_input_embeddings().weight.numel()
     return total
+
+
+def num_matmul_params(model: nn.Module) -> int:
+    """The N of FLOPs = 6N per token: every parameter but an input embedding that is not also the output
+    matrix (an untied Llama's embedding is a lookup; MPT's tied one is the lm_head matmul too)."""
+    total = num_params(model)
+    output = model.output_weight() if hasattr(model, "output_weight") else model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    return total if output is embedding else total - embedding.numel()
 
 
 # --- initialization ---------------------------------------------------------------------------------------

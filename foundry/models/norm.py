@@ -1,4 +1,4 @@
-"""LayerNorms as MPT uses them."""
+"""Norms: LayerNorms as MPT uses them, RMSNorm as Llama does."""
 
 from __future__ import annotations
 
@@ -34,3 +34,26 @@ class LPLayerNorm(nn.LayerNorm):
 def build_norm(norm_type: str, dim: int, eps: float, bias: bool) -> nn.LayerNorm:
     cls = LPLayerNorm if norm_type == "low_precision_layernorm" else nn.LayerNorm
     return cls(dim, eps=eps, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): ``weight * x / sqrt(mean(x^2) + eps)``, without a mean or a bias.
+
+    Written as transformers' LlamaRMSNorm computes it (statistics in fp32, the normalized input rounded to
+    the input's dtype before the weight multiplies it), so imported models see the same rounding points;
+    torch.compile fuses it into one kernel.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -3,13 +3,20 @@
 MFU counts the FLOPs the model needs (forward + backward) against the GPU's dense bf16 peak; HFU also
 counts what the hardware redoes under activation checkpointing (the recomputed forward of each
 checkpointed block). Both are per device: pass tokens/s of one GPU.
+
+Two conventions for attention are in use, and both are reported by benchmarks/throughput.py:
+- causal-halved (foundry's default, ``causal=True``): 6N + 6 * layers * d_model * seq, the score matmuls a
+  causal mask actually needs;
+- full-square (``causal=False``): 6N + 12 * layers * d_model * seq, torchtitan's (and llm-foundry's) number.
+N is the parameters that take part in a matmul per token: all of them but an input embedding that is not
+also the output matrix (``matmul_param_count``; torchtitan excludes the embedding the same way).
 """
 
 from __future__ import annotations
 
 import torch
 
-from foundry.config.model import ModelConfig, MPTConfig
+from foundry.config.model import LlamaConfig, ModelConfig, MPTConfig
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, from the vendors' data sheets. Matched as
 # case-insensitive substrings of torch.cuda.get_device_name(), first hit wins, so the specific
@@ -59,6 +66,40 @@ def mpt_param_count(cfg: MPTConfig, vocab_size: int) -> int:
     return vocab_size * d + cfg.n_layers * mpt_block_param_count(cfg) + norm_f
 
 
+def llama_block_param_count(cfg: LlamaConfig) -> int:
+    """q/k/v/o projections (k and v at n_kv_heads), SwiGLU's three matrices, two RMSNorm weights."""
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
+    return attn + 3 * d * cfg.intermediate_size + 2 * d
+
+
+def llama_param_count(cfg: LlamaConfig, vocab_size: int) -> int:
+    """Parameters of a Llama model: embedding, lm_head unless tied, layers, final norm. Llama-2-7B: 6,738,415,616."""
+    d = cfg.d_model
+    heads = 1 if cfg.tie_word_embeddings else 2
+    return heads * vocab_size * d + cfg.n_layers * llama_block_param_count(cfg) + d
+
+
+def block_param_count(cfg: ModelConfig) -> int:
+    if isinstance(cfg, LlamaConfig):
+        return llama_block_param_count(cfg)
+    return mpt_block_param_count(cfg)
+
+
+def param_count(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of a model of any family (a tied output matrix counted once), before the model exists."""
+    if isinstance(cfg, LlamaConfig):
+        return llama_param_count(cfg, vocab_size)
+    return mpt_param_count(cfg, vocab_size)
+
+
+def matmul_param_count(cfg: ModelConfig, vocab_size: int) -> int:
+    """The N of 6N: all parameters but an untied input embedding (a lookup, no matmul). A tied embedding
+    stays in: it is the output matrix, a d_model x vocab matmul per token (MPT, Llama 3.2 1B)."""
+    untied = isinstance(cfg, LlamaConfig) and not cfg.tie_word_embeddings
+    return param_count(cfg, vocab_size) - (vocab_size * cfg.d_model if untied else 0)
+
+
 def _attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool) -> float:
     # Forward per layer per token: q.k^T over seq_len keys (2*d*S) and attn.v (2*d*S). A causal mask
     # skips half the scores; llm-foundry counts the full square (causal=False reproduces its number).
@@ -70,10 +111,13 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int, causal: bool 
     """Training FLOPs per token: 6N for the weight matmuls (2N forward, 4N backward) plus
     attention, 12 * n_layers * d_model * seq_len, halved for causal attention.
 
-    N counts all parameters, the embedding included, as llm-foundry does for MPT. That is right for
-    MPT rather than an approximation: the embedding lookup costs nothing, but the lm_head tied to it is
-    a d_model x vocab matmul per token, exactly 2 * (embedding params) forward. The norm weights (a few
-    per mille of N) are counted though they do no matmul; excluding them would change MFU by < 0.1%.
+    ``n_params`` is N: the matmul parameters (``matmul_param_count``, or ``num_matmul_params`` of a built
+    model). For MPT that is every parameter, the embedding included, as llm-foundry counts it. That is
+    right rather than an approximation: the embedding lookup costs nothing, but the lm_head tied to it is
+    a d_model x vocab matmul per token, exactly 2 * (embedding params) forward. An untied model (Llama) has
+    its lm_head in N and its input embedding out. The norm weights (a few per mille of N) are counted though
+    they do no matmul; excluding them would change MFU by < 0.1%. Attention counts the query heads'
+    width (n_heads * head_dim = d_model), whatever the number of key/value heads.
     """
     return 6.0 * n_params + 3.0 * _attention_flops_per_token(cfg, seq_len, causal)
 
@@ -84,9 +128,7 @@ def recompute_flops_per_token(
     """The forward that activation checkpointing runs again during backward, per token: one block's
     forward (2 * block params + its attention) times the number of checkpointed blocks (all n_layers
     under full AC; under selective AC, however many blocks the parallelizer wrapped)."""
-    per_block = (
-        2.0 * mpt_block_param_count(cfg) + _attention_flops_per_token(cfg, seq_len, causal) / cfg.n_layers
-    )
+    per_block = 2.0 * block_param_count(cfg) + _attention_flops_per_token(cfg, seq_len, causal) / cfg.n_layers
     return checkpointed_blocks * per_block
 
 

@@ -35,7 +35,9 @@ class Throughput(Callback):
 
     def on_fit_start(self, trainer) -> None:
         self._peak = peak_flops(trainer.env.device)
-        model_cfg, n_params = trainer.cfg.model, trainer.n_params
+        from foundry.models.build import num_matmul_params
+
+        model_cfg, n_params = trainer.cfg.model, num_matmul_params(trainer.model)
         self._flops = lambda seq_len: flops_per_token(model_cfg, n_params, seq_len)
 
     def on_step_start(self, trainer, batches) -> None:
