@@ -144,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         return weight.dtype
 
     def _rope(
-        self, device: torch.device, seq_len: int, positions: torch.Tensor | None, offset: int
+        self, device: torch.device, seq_len: int, positions: torch.Tensor | None = None, offset: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self._inv_freq.get(device)
         if (
