@@ -14,6 +14,7 @@ from typing import Any
 
 from foundry.config.checks import one_of, positive
 from foundry.config.duration import Duration
+from foundry.config.lora import LoRAConfig
 from foundry.config.model import ModelConfig, MPTConfig
 from foundry.errors import ConfigError
 
@@ -225,6 +226,8 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    # Parameter-efficient finetuning: adapters on a frozen (optionally 4-bit) base from load_path.
+    lora: LoRAConfig | None = None
     # Extra callbacks (foundry/train/callbacks): `package.module:Class` or `path/to/file.py:Class`.
     callbacks: list[str] = field(default_factory=list)
 
@@ -251,6 +254,12 @@ class TrainConfig:
         self.scheduler.validate("scheduler")
         self.fsdp_config.validate("fsdp_config")
         self.data.validate("data")
+        if self.lora is not None:
+            self.lora.validate("lora", self.model)
+            if not self.load_path:
+                raise ConfigError(
+                    "LoRA adapts existing weights: set load_path to a checkpoint or Hugging Face folder", "load_path"
+                )
         if self.phases:
             if self.max_duration is not None:
                 raise ConfigError(

@@ -95,6 +95,11 @@ class Trainer:
         self.run_dir, self.remote = run_location(cfg.run_dir, cfg.save_local_dir)
         self.precision = resolve_precision(cfg.precision, self.env.device)
         torch.manual_seed(cfg.seed)
+        self.token_ids: tuple[int, ...] = ()
+        if cfg.lora is not None:
+            from foundry.train.lora_base import new_token_ids
+
+            self.token_ids = new_token_ids(cfg, self.plan)
         self.model, self.n_params = build_parallel_model(
             cfg.model,
             resolve_vocab_size(cfg),
@@ -103,7 +108,10 @@ class Trainer:
             self.precision,
             cfg.compile if cfg.compile is not None else self.env.device.type == "cuda",
             cfg.seed,
+            lora=cfg.lora,
+            token_ids=self.token_ids,
         )
+        self.lora_base: dict | None = None  # a LoRA run's base reference, set when the base is loaded
         _check_sft_vocabulary(self.plan, self.model.get_input_embeddings().weight.shape[0])
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(
@@ -217,13 +225,20 @@ class Trainer:
     def _resume_or_load(self) -> Path | None:
         """Autoresume from the newest good checkpoint; else start from load_path's weights; else fresh."""
         loaded = None
+        lora = self.cfg.lora is not None
+        if lora:  # a LoRA checkpoint holds the adapters only: the base comes from load_path every time
+            self._load_weights(self.cfg.load_path)
         if self.cfg.autoresume:
-            loaded = self.checkpointer.load_newest(app_state(self.model, self.optimizer))
+            loaded = self.checkpointer.load_newest(app_state(self.model, self.optimizer, trainable_only=lora))
         if loaded is None:
-            if self.cfg.load_path:
+            if self.cfg.load_path and not lora:
                 self._load_weights(self.cfg.load_path)
             return None
         path, trainer_state, rng = loaded
+        if lora:
+            from foundry.train.lora_base import check_same_base
+
+            check_same_base(trainer_state.get("lora_base"), self.lora_base, path)
         self.state = TrainState(**trainer_state["train"])
         # Only the phase whose data position is resumed must read the same data; a phase that starts
         # afresh (or is still to come) may have new data.
@@ -244,6 +259,19 @@ class Trainer:
         """Weights only (fresh optimizer), read straight into the sharded model: no rank holds them all."""
         from foundry.convert.hf import is_hf_folder, load_hf_into
 
+        if self.cfg.lora is not None:
+            from foundry.train.lora_base import base_reference, load_base
+
+            load_base(self.model, load_path)
+            self.lora_base = base_reference(self.cfg, self.model, self.token_ids)
+            if self.env.is_main:
+                log.info(
+                    "LoRA base: %s (frozen%s; fingerprint %s)",
+                    load_path,
+                    ", NF4" if self.cfg.lora.quantize_base == "nf4" else "",
+                    self.lora_base["fingerprint"][:20],
+                )
+            return
         if is_hf_folder(load_path):
             load_hf_into(self.model, load_path)
             where = load_path
