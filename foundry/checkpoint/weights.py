@@ -62,7 +62,9 @@ class _PartialModelState(ModelState):
         set_model_state_dict(self.model, sd, options=StateDictOptions(strict=False))
 
 
-def load_into(model: torch.nn.Module, path: str | Path, skip: frozenset[str] | set[str] = frozenset()) -> Path:
+def load_into(
+    model: torch.nn.Module, path: str | Path, skip: frozenset[str] | set[str] = frozenset()
+) -> Path:
     """Read a checkpoint's model weights into `model` in place (collective under a process group).
 
     DCP plans the read from the model's own (sharded) state dict: each rank reads only the byte

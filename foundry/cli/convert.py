@@ -22,19 +22,54 @@ def to_hf(
     tokenizer: str = typer.Option(
         None, help="Tokenizer folder to copy in (default: the run's tokenizer.name)."
     ),
+    merge: bool = typer.Option(False, "--merge", help="LoRA run: the base with the adapters merged in."),
+    adapter: bool = typer.Option(
+        False,
+        "--adapter",
+        help="LoRA run: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).",
+    ),
+    base: bool = typer.Option(
+        False,
+        "--base",
+        help="LoRA run: the base the adapters were trained over (grown vocabulary, NF4 dequantized).",
+    ),
 ) -> None:
     """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code).
+
+    A LoRA run (lora: in its YAML) is exported one of three ways: --merge (one plain model), --adapter
+    (for peft.PeftModel.from_pretrained over the --base folder), or --base.
 
     Examples:
 
       foundry convert to-hf runs/tiny-cpu hf/tiny-cpu
 
       foundry convert to-hf runs/tiny-cpu/checkpoints/step-00000100 hf/tiny --dtype bfloat16
+
+      foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-merged --merge
+
+      foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-base --base
+
+      foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-adapter --adapter
     """
     from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
     from foundry.convert.hf import export_hf
+    from foundry.convert.lora import export_lora, lora_reference
+    from foundry.errors import FoundryError
 
     path = resolve_checkpoint(run_or_checkpoint)
+    modes = [m for m, on in (("merge", merge), ("adapter", adapter), ("base", base)) if on]
+    if len(modes) > 1:
+        raise FoundryError("choose one of --merge, --adapter, --base")
+    is_lora = lora_reference(path) is not None
+    if is_lora and not modes:
+        raise FoundryError(
+            f"{path} holds LoRA adapters, not a whole model: export with --merge (one merged model), "
+            "--adapter (a PEFT adapter folder) or --base (the base it was trained over)"
+        )
+    if modes:
+        export_lora(path, out_dir, modes[0], dtype=dtype, tokenizer=tokenizer)
+        typer.echo(f"wrote {out_dir} ({modes[0]}) from {path}")
+        return
     cfg = checkpoint_config(path)
     state = load_model_weights(path)
     vocab_size = state["transformer.wte.weight"].shape[0]

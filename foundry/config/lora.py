@@ -44,7 +44,8 @@ class LoRAConfig:
         savable = tuple(getattr(model_cfg, "lora_savable", ()))
         if not self.target_modules:
             raise ConfigError(
-                f"name the layers to adapt, e.g. target_modules: [{', '.join(targets)}]", f"{path}.target_modules"
+                f"name the layers to adapt, e.g. target_modules: [{', '.join(targets)}]",
+                f"{path}.target_modules",
             )
         for i, name in enumerate(self.target_modules):
             if name not in targets:
@@ -60,7 +61,9 @@ class LoRAConfig:
                     f"{path}.modules_to_save[{i}]",
                 )
             if name in self.target_modules:
-                raise ConfigError(f"{name!r} is both adapted and trained whole", f"{path}.modules_to_save[{i}]")
+                raise ConfigError(
+                    f"{name!r} is both adapted and trained whole", f"{path}.modules_to_save[{i}]"
+                )
         if self.quantize_base not in QUANTIZE:
             raise ConfigError(
                 f"{self.quantize_base!r} is not one of: null (no quantization), nf4", f"{path}.quantize_base"

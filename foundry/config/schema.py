@@ -258,7 +258,8 @@ class TrainConfig:
             self.lora.validate("lora", self.model)
             if not self.load_path:
                 raise ConfigError(
-                    "LoRA adapts existing weights: set load_path to a checkpoint or Hugging Face folder", "load_path"
+                    "LoRA adapts existing weights: set load_path to a checkpoint or Hugging Face folder",
+                    "load_path",
                 )
         if self.phases:
             if self.max_duration is not None:

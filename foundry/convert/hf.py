@@ -219,7 +219,9 @@ def is_hf_folder(path: str | Path) -> bool:
     )
 
 
-def load_hf_into(model: torch.nn.Module, hf_dir: str | Path, skip: frozenset[str] | set[str] = frozenset()) -> None:
+def load_hf_into(
+    model: torch.nn.Module, hf_dir: str | Path, skip: frozenset[str] | set[str] = frozenset()
+) -> None:
     """Fill `model` (FSDP2-sharded or not) from a HF folder, each rank reading only the rows it owns.
 
     safetensors files are opened lazily and sliced (``get_slice``), so a rank's peak host memory is its

@@ -7,8 +7,6 @@ over other weights than they were trained on.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -19,8 +17,6 @@ from foundry.config.schema import TrainConfig
 from foundry.errors import CheckpointError
 
 log = logging.getLogger("foundry")
-
-_SAMPLES = 8  # 1 MiB pieces hashed per weight file of a HF folder (first, last and evenly between)
 
 
 def new_token_ids(cfg: TrainConfig, plan: RunPlan) -> tuple[int, ...]:
@@ -46,8 +42,7 @@ def load_base(model: torch.nn.Module, load_path: str) -> None:
     from foundry.convert.hf import is_hf_folder, load_hf_into, read_hf_tensor
     from foundry.models.build import canonical_name
     from foundry.models.growth import can_grow, grown, token_row_names
-    from foundry.models.lora import adapter_param_names, init_token_rows, nf4_param_names
-    from foundry.models.lora import nf4
+    from foundry.models.lora import adapter_param_names, init_token_rows, nf4, nf4_param_names
 
     skip = set(adapter_param_names(model)) | set(nf4_param_names(model))
     if is_hf_folder(load_path):
@@ -70,33 +65,9 @@ def load_base(model: torch.nn.Module, load_path: str) -> None:
     init_token_rows(model)
 
 
-def base_fingerprint(load_path: str) -> str:
-    """What identifies the base's weights. A foundry checkpoint: its completion marker's per-file sizes and
-    CRC32s (every byte, already computed). A HF folder: config.json, each weight file's size and header,
-    and 1 MiB samples spread over it (hashing every byte of a 70B model would take minutes per resume)."""
-    from foundry import checkpoint as ckpt
-    from foundry.convert.hf import is_hf_folder
-
-    h = hashlib.sha256()
-    if not is_hf_folder(load_path):
-        path = ckpt.resolve_checkpoint(load_path)
-        marker = ckpt.read_marker(path) or {}
-        h.update(json.dumps({"files": marker.get("files"), "crc32": marker.get("crc32")}, sort_keys=True).encode())
-        return "ckpt:" + h.hexdigest()
-    folder = Path(load_path)
-    h.update((folder / "config.json").read_bytes())
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for i in range(_SAMPLES):
-                fh.seek(max(size - (1 << 20), 0) * i // (_SAMPLES - 1))
-                h.update(fh.read(1 << 20))
-    return "hf:" + h.hexdigest()
-
-
 def base_reference(cfg: TrainConfig, model: torch.nn.Module, token_ids: tuple[int, ...]) -> dict:
     """Stored in every checkpoint of a LoRA run (trainer_state["lora_base"]): what export and resume need."""
+    from foundry.checkpoint.base_ref import base_fingerprint
     from foundry.models.lora import nf4
 
     # NF4 is quantized from this dtype: export dequantizes from the same values the run computed with.

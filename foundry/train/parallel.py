@@ -153,7 +153,13 @@ def build_parallel_model(
         base_dtype = torch.bfloat16 if precision == "amp_bf16" else torch.float32
         apply_lora(model, lora, token_ids, base_dtype=base_dtype, shards=shards)
         if env.is_main:
-            log.info("LoRA r=%d alpha=%g on %s: %s", lora.r, lora.alpha, ", ".join(lora.target_modules), lora_summary(model))
+            log.info(
+                "LoRA r=%d alpha=%g on %s: %s",
+                lora.r,
+                lora.alpha,
+                ", ".join(lora.target_modules),
+                lora_summary(model),
+            )
     model = parallelize(model, env, fsdp, precision, compile)
     model.to_empty(device=env.device)
     init_weights(model, seed)

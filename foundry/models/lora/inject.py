@@ -37,9 +37,7 @@ def apply_lora(
                 found[name] = found.get(name, 0) + 1
     missing = sorted(targets - set(found))
     if missing:
-        raise ConfigError(
-            f"no Linear layer named {', '.join(missing)} in this model", "lora.target_modules"
-        )
+        raise ConfigError(f"no Linear layer named {', '.join(missing)} in this model", "lora.target_modules")
     rows = model.get_input_embeddings().weight.shape[0]
     bad = [t for t in token_ids if t >= rows]
     if bad:
@@ -47,7 +45,11 @@ def apply_lora(
             f"token ids {bad} are beyond the embedding's {rows} rows", "lora.trainable_token_ids"
         )
     if token_ids:
-        _replace(model, model.get_input_embeddings(), TokenRowsEmbedding.from_embedding(model.get_input_embeddings(), list(token_ids)))
+        _replace(
+            model,
+            model.get_input_embeddings(),
+            TokenRowsEmbedding.from_embedding(model.get_input_embeddings(), list(token_ids)),
+        )
 
     for p in model.parameters():
         p.requires_grad_(False)

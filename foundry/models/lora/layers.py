@@ -80,7 +80,9 @@ class LoRALinear(nn.Linear):
 
 
 class TokenRowsEmbedding(nn.Embedding):
-    def __init__(self, num_embeddings: int, embedding_dim: int, token_ids: list[int], device=None, dtype=None):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, token_ids: list[int], device=None, dtype=None
+    ):
         super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
         self.token_ids_list = sorted(set(token_ids))
         self.token_rows = nn.Parameter(
@@ -91,7 +93,9 @@ class TokenRowsEmbedding(nn.Embedding):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, token_ids: list[int]) -> TokenRowsEmbedding:
         w = embedding.weight
-        return cls(embedding.num_embeddings, embedding.embedding_dim, token_ids, device=w.device, dtype=w.dtype)
+        return cls(
+            embedding.num_embeddings, embedding.embedding_dim, token_ids, device=w.device, dtype=w.dtype
+        )
 
     def init_rule(self, param_name: str):
         # token_rows start as copies of the base's rows once the base is loaded (inject.init_token_rows).

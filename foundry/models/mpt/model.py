@@ -194,7 +194,9 @@ class MPTForCausalLM(nn.Module):
         hidden = self.transformer(input_ids, plan)
         if cache is not None:
             cache.advance(seq_len)
-        lm_weight = embedding_matrix(self.transformer.wte)  # tied output matrix, as in MPT (LoRA token rows in)
+        lm_weight = embedding_matrix(
+            self.transformer.wte
+        )  # tied output matrix, as in MPT (LoRA token rows in)
         if labels is not None:
             # The fused loss pays off where its per-chunk kernel is compiled (CUDA); on a CPU the plain
             # path is faster (measured: 2x on the tiny preset), and there memory is rarely the limit.
