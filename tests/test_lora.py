@@ -34,7 +34,12 @@ SEQ, VOCAB = 32, 256
 
 def model_cfg(d: int = 128) -> MPTConfig:
     return MPTConfig(
-        d_model=d, n_heads=4, n_layers=2, max_seq_len=SEQ, vocab_size=VOCAB, attn_config=AttnConfig(attn_impl="torch")
+        d_model=d,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=SEQ,
+        vocab_size=VOCAB,
+        attn_config=AttnConfig(attn_impl="torch"),
     )
 
 
@@ -45,7 +50,9 @@ def make_base(folder: Path, d: int = 128, seed: int = 5) -> Path:
     return ckpt.save_weights(folder, base.state_dict(), to_yaml(TrainConfig(model=cfg)))
 
 
-def lora_yaml(tmp: Path, *, d=128, steps=8, quantize="null", save_every=4, extra="", tokens="[3, 9]") -> Path:
+def lora_yaml(
+    tmp: Path, *, d=128, steps=8, quantize="null", save_every=4, extra="", tokens="[3, 9]", micro=2
+) -> Path:
     train = tmp / "data" / "train"
     if not train.exists():
         write_token_dataset(train, learnable_windows(400, SEQ, VOCAB, 0))
@@ -60,7 +67,7 @@ seed: 3
 max_seq_len: {SEQ}
 max_duration: {steps}ba
 global_train_batch_size: 8
-device_train_microbatch_size: 2
+device_train_microbatch_size: {micro}
 save_interval: {save_every}ba
 log_interval: 1ba
 progress_bar: false
@@ -125,11 +132,17 @@ def test_lora_model_equals_base_at_init(tmp_path):
 
     cfg = load_config(lora_yaml(tmp_path), [f"save_folder={tmp_path / 'run'}"])
     env = DistEnv(0, 1, 0, torch.device("cpu"))
-    model, _ = build_parallel_model(cfg.model, None, env, cfg.fsdp_config, "fp32", False, 7, lora=cfg.lora, token_ids=(3, 9))
+    model, _ = build_parallel_model(
+        cfg.model, None, env, cfg.fsdp_config, "fp32", False, 7, lora=cfg.lora, token_ids=(3, 9)
+    )
     load_base(model, cfg.load_path)
     base = build_model(model_cfg(), device="cpu")
     base.load_state_dict(ckpt.load_model_weights(cfg.load_path))
-    assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n and "token_rows" not in n and "norm_f" not in n)
+    assert all(
+        not p.requires_grad
+        for n, p in model.named_parameters()
+        if ".lora_" not in n and "token_rows" not in n and "norm_f" not in n
+    )
     b = [m.lora_B.weight for m in model.modules() if hasattr(m, "lora_B")]
     assert len(b) == 8 and all(torch.count_nonzero(w) == 0 for w in b)
     ids = _ids()
@@ -166,7 +179,9 @@ def test_frozen_weights_bit_identical_and_adapters_trained(trained):
     # The checkpoint holds what trains (and its optimizer state), nothing of the frozen base.
     saved = ckpt.load_model_weights(tmp / "run")
     assert sorted(saved) == sorted(n for n, p in params.items() if p.requires_grad)
-    state = torch.load(ckpt.latest_complete(tmp / "run" / "checkpoints") / ckpt.TRAINER_STATE, weights_only=False)
+    state = torch.load(
+        ckpt.latest_complete(tmp / "run" / "checkpoints") / ckpt.TRAINER_STATE, weights_only=False
+    )
     assert state["lora_base"]["fingerprint"].startswith("ckpt:") and state["lora_base"]["token_ids"] == [3, 9]
 
 
@@ -217,7 +232,7 @@ def test_resume_refuses_a_changed_base(tmp_path):
 def test_sigkill_lora_resume_matches_uninterrupted(tmp_path):
     """kill -9 twice mid-run, rerun: base reloaded from load_path, adapters and their Adam state from the
     checkpoint; the losses equal an uninterrupted run's (fp32, 1e-6) and so do the final adapters."""
-    config = lora_yaml(tmp_path, steps=30, save_every=5, extra="device_train_microbatch_size: 1\n")
+    config = lora_yaml(tmp_path, steps=30, save_every=5, micro=1)
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     finish_run(config, reference)
     kill_run_after(config, interrupted, 8)
@@ -271,7 +286,9 @@ def test_qlora_trains_on_cpu_and_merges_to_what_it_computed(tmp_path):
     wqkv = trainer.model.transformer.blocks[0].attn.Wqkv.weight
     assert nf4.is_nf4(wqkv) and not wqkv.requires_grad
     base = ckpt.load_model_weights(tmp_path / "base")["transformer.blocks.0.attn.Wqkv.weight"]
-    assert torch.equal(wqkv.get_original_weight(), nf4.dequantize(nf4.quantize(base)))  # the frozen base, untouched
+    assert torch.equal(
+        wqkv.get_original_weight(), nf4.dequantize(nf4.quantize(base))
+    )  # the frozen base, untouched
     export_lora(tmp_path / "run", tmp_path / "merged", "merge")
     ids = _ids()
     merged = MptForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -294,7 +311,12 @@ def test_qlora_two_ranks_then_one_rank_match_one_rank(tmp_path):
     units, activation checkpointing), preempted, then resumed on 1 rank: the losses of every step equal an
     uninterrupted 1-process run's (fp32: 1e-5), and so do the final adapters."""
     config = lora_yaml(
-        tmp_path, d=256, steps=10, quantize="nf4", save_every=2, extra="fsdp_config: {activation_checkpointing: full}\n"
+        tmp_path,
+        d=256,
+        steps=10,
+        quantize="nf4",
+        save_every=2,
+        extra="fsdp_config: {activation_checkpointing: full}\n",
     )
     one = tmp_path / "one"
     _train(config, one)
