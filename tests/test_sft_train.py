@@ -422,7 +422,7 @@ def test_tiny_sft_cpu_finetune_generate_and_export(tmp_path, cli):
     exported_tok = AutoTokenizer.from_pretrained(hf)
     assert exported_tok.convert_tokens_to_ids("<|im_end|>") == 385 and len(exported_tok) == 386
     ids = torch.tensor([out["prompt_ids"]])
-    from foundry.eval.generate import load_model
+    from foundry.eval.checkpoint_model import load_model
 
     ours, _, _ = load_model(ft, torch.device("cpu"))
     with torch.no_grad():

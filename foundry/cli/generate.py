@@ -50,26 +50,16 @@ def generate(
 
       foundry generate runs/tiny-sft-cpu --chat --prompt "What is `os.path`?" --temperature 0.7 --top-p 0.9 --seed 1
     """
-    import torch
+    from foundry.eval.checkpoint_model import load_eval_model
+    from foundry.eval.generate import Sampling, generate_text
 
-    from foundry.data.tokenizer import load_tokenizer
-    from foundry.errors import ConfigError
-    from foundry.eval.generate import Sampling, generate_text, load_model
-    from foundry.runtime import dist as fdist
-    from foundry.runtime.precision import resolve_precision
-
-    dev = torch.device(fdist.resolve_device(device))
-    model, cfg, path = load_model(run_or_checkpoint, dev)
-    name = tokenizer or cfg.tokenizer.name
-    if not name:
-        raise ConfigError("the run names no tokenizer; pass --tokenizer DIR", "--tokenizer")
-    tok = load_tokenizer(name)
+    em = load_eval_model(run_or_checkpoint, device=device, tokenizer=tokenizer)
+    model, tok, path = em.model, em.tokenizer, em.checkpoint
     sampling = Sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, use_cache=not no_cache
     )
     out = generate_text(
-        model, tok, prompt, sampling, chat=chat, system=system, device=dev,
-        precision=resolve_precision(cfg.precision, dev),
+        model, tok, prompt, sampling, chat=chat, system=system, device=em.device, precision=em.precision,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps({"checkpoint": str(path), "text": out.text, "prompt_ids": out.prompt_ids,

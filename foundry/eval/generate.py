@@ -9,7 +9,6 @@ opened, and generation stops at the template's end-of-turn token (ChatML's <|im_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -147,17 +146,6 @@ class Generated:
     prompt_ids: list[int]
     new_ids: list[int]
     stopped: bool  # ended at a stop token (rather than at max_new_tokens or the model's length)
-
-
-def load_model(run_or_checkpoint: str | Path, device: torch.device):
-    """(model, run config, checkpoint path) of a run folder (its newest checkpoint) or one checkpoint."""
-    from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
-    from foundry.models.build import build_from_state
-
-    path = resolve_checkpoint(run_or_checkpoint)
-    cfg = checkpoint_config(path)
-    model = build_from_state(cfg.model, load_model_weights(path), device).eval()
-    return model, cfg, path
 
 
 def generate_text(

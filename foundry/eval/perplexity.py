@@ -10,7 +10,7 @@ import torch
 from foundry.config.schema import StreamConfig
 from foundry.errors import ConfigError
 from foundry.runtime import dist as fdist
-from foundry.runtime.precision import autocast_for, resolve_precision
+from foundry.runtime.precision import autocast_for, param_dtype, resolve_precision
 
 
 @torch.no_grad()
@@ -99,7 +99,8 @@ def evaluate_checkpoint(
             "no eval streams: set data.eval_streams in the run's YAML or pass --config", "data.eval_streams"
         )
     device = torch.device(fdist.resolve_device(data_cfg.device))
-    model = build_from_state(run_cfg.model, load_model_weights(path), device)
+    precision = resolve_precision(data_cfg.precision, device)
+    model = build_from_state(run_cfg.model, load_model_weights(path), device, param_dtype(precision))
     env = fdist.DistEnv(0, 1, 0, device)
     losses = eval_losses(
         model,
@@ -107,7 +108,7 @@ def evaluate_checkpoint(
         seq_len=phase.seq_len,
         batch_rows=data_cfg.device_eval_batch_size,
         env=env,
-        precision=resolve_precision(data_cfg.precision, device),
+        precision=precision,
         max_batches=max_batches,
     )
     if "eval_loss" not in losses:

@@ -78,10 +78,15 @@ def embedding_name(cfg: ModelConfig) -> str:
     return next(canonical_name(n) for n, p in model.named_parameters() if p is weight)
 
 
-def build_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
-    """A model of `cfg` holding the full state dict `state` (its vocabulary read off the embedding)."""
+def build_from_state(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """A model of `cfg` in `dtype` holding the full state dict `state` (its vocabulary read off the embedding)."""
     rows = state[embedding_name(cfg)].shape[0]
-    model = build_model(dataclasses.replace(cfg, vocab_size=rows), device=device)
+    model = build_model(dataclasses.replace(cfg, vocab_size=rows), device=device).to(dtype)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -10,7 +10,7 @@ import torch
 
 from foundry.data.batches import IGNORE_INDEX, SEQ_IDS, model_inputs
 from foundry.runtime import dist as fdist
-from foundry.runtime.precision import autocast_for
+from foundry.runtime.precision import autocast_for, param_dtype
 
 
 @dataclass
@@ -37,7 +37,7 @@ def train_step(
     # is scaled by (its tokens x ranks / all ranks' tokens): the step is then the mean over every target
     # token of the world, not a mean of per-rank means. Pretraining rows all have the same count (1.0).
     share = _rank_share(n_tokens, device) if batches and SEQ_IDS in batches[0] else 1.0
-    total = torch.zeros((), device=device, dtype=torch.float32)
+    total = torch.zeros((), device=device, dtype=param_dtype(precision))
     for i, batch in enumerate(batches):
         # FSDP2: reduce-scatter the gradients once, after the last micro-batch.
         if hasattr(model, "set_requires_gradient_sync"):
@@ -53,7 +53,8 @@ def train_step(
     max_norm = grad_clip_norm if grad_clip_norm is not None else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    loss, norm = torch.stack([loss_value, grad_norm.float()]).tolist()  # one device sync per step
+    # One device sync per step.
+    loss, norm = torch.stack([loss_value, grad_norm.to(loss_value.dtype)]).tolist()
     ok = math.isfinite(loss) and math.isfinite(norm)
     if ok:
         optimizer.step()

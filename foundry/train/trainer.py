@@ -31,6 +31,7 @@ from foundry.runtime.preemption import Preemption
 from foundry.train.callbacks import Callback, CallbackList, StepOutcome, load_callback
 from foundry.train.callbacks.checkpointing import Checkpointing
 from foundry.train.callbacks.evaluation import Evaluation
+from foundry.train.callbacks.icl import ICLEvaluation
 from foundry.train.callbacks.logging import Logging
 from foundry.train.callbacks.throughput import Throughput
 from foundry.train.rundir import prepare_run_dir
@@ -133,7 +134,8 @@ class Trainer:
         }
         self.preemption = Preemption(cfg.save_grace_period_s)
         self.callbacks = CallbackList(
-            [Throughput(), Logging(), Evaluation(), Checkpointing(), *_user_callbacks(cfg)]
+            [Throughput(), Logging(), Evaluation(), *([ICLEvaluation()] if cfg.icl_tasks else [])]
+            + [Checkpointing(), *_user_callbacks(cfg)]
         )
         self.state = TrainState()
         self.summary = Summary()

@@ -22,12 +22,14 @@ def apply_lora(
     cfg: LoRAConfig,
     token_ids: list[int] | tuple[int, ...] = (),
     base_dtype: torch.dtype | None = None,
+    train_dtype: torch.dtype = torch.float32,
     shards: int = 1,
 ) -> nn.Module:
     """Replace target Linears by LoRALinear (in place) and freeze everything but the adapters,
     ``modules_to_save`` and the rows of `token_ids`. `base_dtype`: the frozen tensors' storage dtype
-    (bf16 under bf16 autocast: they are only ever computed with in bf16). `shards`: FSDP2's shard count,
-    for NF4's block alignment."""
+    (bf16 under bf16 autocast: they are only ever computed with in bf16); `train_dtype`: the trainable
+    tensors' (fp32 master weights; fp64 in the CPU reference mode). `shards`: FSDP2's shard count, for
+    NF4's block alignment."""
     targets = set(cfg.target_modules)
     found: dict[str, int] = {}
     for parent in list(model.modules()):
@@ -63,8 +65,8 @@ def apply_lora(
     for module in model.modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             if p.requires_grad:
-                if p.dtype != torch.float32:  # trainable tensors keep fp32 master weights
-                    setattr(module, pname, nn.Parameter(p.to(torch.float32), requires_grad=True))
+                if p.dtype != train_dtype:
+                    setattr(module, pname, nn.Parameter(p.to(train_dtype), requires_grad=True))
             elif base_dtype is not None and p.dtype != base_dtype:
                 setattr(module, pname, nn.Parameter(p.to(base_dtype), requires_grad=False))
     if cfg.quantize_base == "nf4":
@@ -109,7 +111,7 @@ def init_token_rows(model: nn.Module) -> None:
             weight = module.weight
             full = weight.full_tensor() if isinstance(weight, DTensor) else weight
             ids = torch.tensor(module.token_ids_list, dtype=torch.long, device=full.device)
-            assign_full(module.token_rows, full.index_select(0, ids).float())
+            assign_full(module.token_rows, full.index_select(0, ids))
 
 
 def lora_summary(model: nn.Module) -> str:
