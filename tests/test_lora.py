@@ -179,9 +179,9 @@ def test_frozen_weights_bit_identical_and_adapters_trained(trained):
     # The checkpoint holds what trains (and its optimizer state), nothing of the frozen base.
     saved = ckpt.load_model_weights(tmp / "run")
     assert sorted(saved) == sorted(n for n, p in params.items() if p.requires_grad)
-    state = torch.load(
-        ckpt.latest_complete(tmp / "run" / "checkpoints") / ckpt.TRAINER_STATE, weights_only=False
-    )
+    from foundry.checkpoint.writer import read_trainer_state
+
+    state = read_trainer_state(ckpt.latest_complete(tmp / "run" / "checkpoints"))
     assert state["lora_base"]["fingerprint"].startswith("ckpt:") and state["lora_base"]["token_ids"] == [3, 9]
 
 

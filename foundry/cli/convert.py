@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -33,6 +37,9 @@ def to_hf(
         "--base",
         help="LoRA run: the base the adapters were trained over (grown vocabulary, NF4 dequantized).",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT_DIR if it is not empty (everything in it goes)."
+    ),
 ) -> None:
     """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code).
 
@@ -50,12 +57,23 @@ def to_hf(
       foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-base --base
 
       foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-adapter --adapter
+
+      foundry convert to-hf runs/tiny-cpu hf/tiny-cpu --overwrite
+
+    The folder is written beside OUT_DIR and renamed into place when complete.
     """
     from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
     from foundry.convert.hf import export_hf
     from foundry.convert.lora import export_lora, lora_reference
     from foundry.errors import FoundryError
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        from foundry.errors import ConfigError
+
+        raise ConfigError(
+            f"{out_dir} is not empty: pass --overwrite to replace it (its files go), or choose another OUT_DIR"
+        )
     path = resolve_checkpoint(run_or_checkpoint)
     modes = [m for m, on in (("merge", merge), ("adapter", adapter), ("base", base)) if on]
     if len(modes) > 1:
@@ -67,16 +85,36 @@ def to_hf(
             "--adapter (a PEFT adapter folder) or --base (the base it was trained over)"
         )
     if modes:
-        export_lora(path, out_dir, modes[0], dtype=dtype, tokenizer=tokenizer)
+        with _replacing(out_dir) as tmp:
+            export_lora(path, tmp, modes[0], dtype=dtype, tokenizer=tokenizer)
         typer.echo(f"wrote {out_dir} ({modes[0]}) from {path}")
         return
     cfg = checkpoint_config(path)
     state = load_model_weights(path)
     vocab_size = state["transformer.wte.weight"].shape[0]
-    export_hf(
-        state, cfg.model, vocab_size, out_dir, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype
-    )
+    with _replacing(out_dir) as tmp:
+        export_hf(
+            state, cfg.model, vocab_size, tmp, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype
+        )
     typer.echo(f"wrote {out_dir} from {path}")
+
+
+@contextmanager
+def _replacing(out: Path):
+    """A fresh folder beside `out`, renamed to `out` (replacing it) when the block completes; removed if not."""
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @app.command("from-hf")

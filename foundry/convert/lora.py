@@ -27,10 +27,9 @@ PEFT_PREFIX = "base_model.model."
 
 def lora_reference(path: Path) -> dict | None:
     """A checkpoint's LoRA base reference, or None for a checkpoint of whole-model training."""
-    from foundry.checkpoint import TRAINER_STATE
+    from foundry.checkpoint.writer import read_trainer_state
 
-    state = torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
-    return state.get("lora_base")
+    return read_trainer_state(Path(path)).get("lora_base")
 
 
 def base_state(ref: dict, model_cfg, check_fingerprint: bool = True) -> dict[str, torch.Tensor]:

@@ -67,6 +67,7 @@ def save(trainer, blocking: bool = True) -> None:
         "scheduler": trainer.scheduler.state_dict(),
         "world_size": trainer.env.world_size,
         "data_fingerprint": trainer.fingerprint,
+        "run_identity": trainer.identity,  # seed, model, optimizer: compared on resume
     }
     lora = trainer.cfg.lora is not None
     if lora:  # adapters only: what base they sit on, and what export needs to rebuild the model
