@@ -22,6 +22,12 @@ tokens/s over the pretraining one's tokens/s (issue 9's target: >= 0.90):
     python benchmarks/throughput.py --model mpt-1b --seq-len 4096 --micro-batch 4 --grad-accum 4 \
         --steps 10 --variants "sft=no;sft=yes"
 
+``--lora lora|qlora`` times parameter-efficient finetuning: adapters (rank ``--lora-r``) on every Linear the
+family allows, over a frozen bf16 base or a 4-bit NF4 one (QLoRA; random weights quantized at start):
+
+    python benchmarks/throughput.py --model mpt-7b --seq-len 2048 --micro-batch 4 --optimizer decoupled_adamw \
+        --activation-checkpointing full --variants "lora=none;lora=lora;lora=qlora"
+
 ``--variants`` runs several settings in one process: ';' separates variants, ',' separates the
 ``option=value`` pairs of one (option names as on the command line, without the dashes).
 ``--json`` prints one JSON object: the first (or only) variant's figures at the top level
@@ -139,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-sigma", type=float, default=1.0, help="lognormal sigma of conversation lengths")
     p.add_argument(
         "--sft-assistant-frac", type=float, default=0.6, help="share of each conversation that is learned"
+    )
+    p.add_argument(
+        "--lora",
+        default="none",
+        choices=["none", "lora", "qlora"],
+        help="full finetuning (none), LoRA adapters on a frozen bf16 base, or QLoRA (NF4 base)",
+    )
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    p.add_argument(
+        "--lora-targets", default=None, help="comma-separated module names (default: all the family's)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--jsonl", default=None, help="append each variant's result to this file as it finishes")
@@ -370,7 +386,23 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
     if env.distributed and not args.fsdp:
         raise SystemExit("launched with WORLD_SIZE > 1: pass --fsdp (each rank shards the model)")
 
-    model, n_params = build_parallel_model(cfg, vocab, env, fsdp_cfg, args.precision, args.compile, args.seed)
+    lora = None
+    if args.lora != "none":
+        from foundry.config.lora import LoRAConfig
+
+        targets = args.lora_targets.split(",") if args.lora_targets else list(cfg.lora_targets)
+        lora = LoRAConfig(
+            r=args.lora_r,
+            alpha=2 * args.lora_r,
+            target_modules=targets,
+            quantize_base="nf4" if args.lora == "qlora" else None,
+        )
+        lora.validate("lora", cfg)
+    model, n_params = build_parallel_model(
+        cfg, vocab, env, fsdp_cfg, args.precision, args.compile, args.seed, lora=lora
+    )
+    if lora is not None and lora.quantize_base == "nf4":
+        random_nf4_base(model, args.seed)
     # Plain attributes of the root module, read at each forward (not by the compiled blocks).
     if args.fused_ce is not None:
         model.loss_chunk_size = args.ce_chunk if args.fused_ce else None
@@ -416,6 +448,8 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
         fsdp=torch.distributed.is_initialized(),
         attn_impl=model.attn_impl(device),
         bad_steps=sum(not r.ok for r in results),
+        lora=args.lora,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if args.sft:
         from foundry.data.batches import real_tokens
@@ -433,6 +467,22 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
     live.clear()
     reset_memory(device)
     return out
+
+
+def random_nf4_base(model, seed: int) -> None:
+    """An NF4 base is quantized from loaded weights, never initialized: quantize random ones (std 0.02) here,
+    as a training run would quantize its load_path (the same work, the same memory)."""
+    from foundry.models.build import canonical_name, param_seed
+    from foundry.models.lora import nf4
+
+    for name, param in model.named_parameters():
+        if nf4.is_nf4(param):
+            local = getattr(param, "_local_tensor", param)
+            g = torch.Generator(device=local.quantized_data.device)
+            g.manual_seed(param_seed(seed, canonical_name(name)))
+            full = torch.randn(param.shape, generator=g, device=g.device, dtype=torch.float32) * 0.02
+            nf4.assign(param, full)
+            del full
 
 
 # --- the Hugging Face baseline ---------------------------------------------------------------------------
@@ -582,13 +632,17 @@ def fmt(value, spec: str) -> str:
 
 
 def describe(args) -> str:
-    parts = [
-        f"seq {args.seq_len}",
-        f"mb {args.micro_batch}" + (f"x{args.grad_accum}" if args.grad_accum > 1 else ""),
-        "compile" if args.compile else "eager",
-        f"AC {args.activation_checkpointing}"
-        + (f"/{args.ac_every}" if args.activation_checkpointing == "selective" else ""),
-    ] + (["packed SFT"] if args.sft else [])
+    parts = (
+        [
+            f"seq {args.seq_len}",
+            f"mb {args.micro_batch}" + (f"x{args.grad_accum}" if args.grad_accum > 1 else ""),
+            "compile" if args.compile else "eager",
+            f"AC {args.activation_checkpointing}"
+            + (f"/{args.ac_every}" if args.activation_checkpointing == "selective" else ""),
+        ]
+        + (["packed SFT"] if args.sft else [])
+        + ([f"{args.lora} r{args.lora_r}"] if args.lora != "none" else [])
+    )
     return ", ".join(parts)
 
 

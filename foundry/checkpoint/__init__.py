@@ -25,6 +25,7 @@ from foundry.checkpoint.weights import (
     load_into,
     load_model_weights,
     read_config_yaml,
+    read_tensor,
     save_weights,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "prune",
     "read_config_yaml",
     "read_marker",
+    "read_tensor",
     "resolve_checkpoint",
     "save_weights",
     "step_dir",

@@ -13,6 +13,7 @@ import random
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -21,16 +22,21 @@ from torch.distributed.checkpoint.state_dict import (
 
 
 class ModelState:
-    """The model as DCP sees it (keys `model.*`); get/set handle FSDP2 shards and resharding."""
+    """The model as DCP sees it (keys `model.*`); get/set handle FSDP2 shards and resharding.
 
-    def __init__(self, model):
+    ``trainable_only``: a LoRA run's checkpoint holds its trainable tensors (adapters, token rows,
+    modules_to_save) and no frozen base; DCP then also reads back exactly those.
+    """
+
+    def __init__(self, model, trainable_only: bool = False):
         self.model = model
+        self.options = StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
 
     def state_dict(self):
-        return get_model_state_dict(self.model)
+        return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, sd):
-        set_model_state_dict(self.model, sd)
+        set_model_state_dict(self.model, sd, options=self.options)
 
 
 class OptimizerState:
@@ -46,8 +52,8 @@ class OptimizerState:
         set_optimizer_state_dict(self.model, self.optimizer, sd)
 
 
-def app_state(model, optimizer) -> dict:
-    return {"model": ModelState(model), "optim": OptimizerState(model, optimizer)}
+def app_state(model, optimizer, trainable_only: bool = False) -> dict:
+    return {"model": ModelState(model, trainable_only), "optim": OptimizerState(model, optimizer)}
 
 
 def capture_rng() -> dict:

@@ -63,7 +63,9 @@ class _PartialModelState(ModelState):
         set_model_state_dict(self.model, sd, options=StateDictOptions(strict=False))
 
 
-def load_into(model: torch.nn.Module, path: str | Path) -> Path:
+def load_into(
+    model: torch.nn.Module, path: str | Path, skip: frozenset[str] | set[str] = frozenset()
+) -> Path:
     """Read a checkpoint's model weights into `model` in place (collective under a process group).
 
     DCP plans the read from the model's own (sharded) state dict: each rank reads only the byte
@@ -71,25 +73,41 @@ def load_into(model: torch.nn.Module, path: str | Path) -> Path:
     state in the checkpoint is not read. Names and shapes must match exactly, with one exception: a
     checkpoint whose embedding (and untied output head) has fewer rows than the model's grows into
     it, the new rows (tokens added since, e.g. a chat template's) set to the mean of the old ones.
+    Names in `skip` are neither read nor expected (LoRA's adapters; an NF4 base, read by ``read_tensor``).
     """
     from foundry.models.growth import can_grow, token_row_names
 
     path = _verified(path)
-    expected = {k: tuple(v.shape) for k, v in ModelState(model).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in ModelState(model).state_dict().items() if k not in skip}
     stored_meta = model_keys(path)
     stored = {k: tuple(shape) for k, (shape, _) in stored_meta.items()}
     rows = token_row_names(model)
     grow = {k for k in set(expected) & set(stored) if can_grow(k, stored[k], expected[k], rows)}
+    not_read = {k for k in skip if k in stored}  # an NF4 base tensor: in the checkpoint, read elsewhere
     _check_same(
         {k: v for k, v in expected.items() if k not in grow},
-        {k: v for k, v in stored.items() if k not in grow},
+        {k: v for k, v in stored.items() if k not in grow and k not in not_read},
         path,
     )
+    leave_out = grow | set(skip)
     with single_process_quiet():
-        dcp_load({"model": _PartialModelState(model, grow) if grow else ModelState(model)}, path)
+        dcp_load({"model": _PartialModelState(model, leave_out) if leave_out else ModelState(model)}, path)
     for name in sorted(grow):
         _load_grown(model, path, name, stored_meta[name], expected[name][0])
     return path
+
+
+def read_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """One model tensor of a checkpoint, whole, on the CPU (every rank reads it: no collective)."""
+    path = resolve_checkpoint(path)
+    meta = model_keys(path)
+    if name not in meta:
+        raise CheckpointError(f"{path} holds no tensor {name}")
+    shape, dtype = meta[name]
+    out = {MODEL_PREFIX + name: torch.empty(shape, dtype=dtype)}
+    with single_process_quiet():
+        dcp_load(out, path, no_dist=True)
+    return out[MODEL_PREFIX + name]
 
 
 def _load_grown(model: torch.nn.Module, path: Path, name: str, meta, rows: int) -> None:

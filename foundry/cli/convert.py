@@ -29,6 +29,17 @@ def to_hf(
     tokenizer: str = typer.Option(
         None, help="Tokenizer folder to copy in (default: the run's tokenizer.name)."
     ),
+    merge: bool = typer.Option(False, "--merge", help="LoRA run: the base with the adapters merged in."),
+    adapter: bool = typer.Option(
+        False,
+        "--adapter",
+        help="LoRA run: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).",
+    ),
+    base: bool = typer.Option(
+        False,
+        "--base",
+        help="LoRA run: the base the adapters were trained over (grown vocabulary, NF4 dequantized).",
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace OUT_DIR if it is not empty (everything in it goes)."
     ),
@@ -39,11 +50,20 @@ def to_hf(
     """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code):
     MptForCausalLM for MPT runs, LlamaForCausalLM for Llama ones, with the tokenizer and its added tokens.
 
+    A LoRA run (lora: in its YAML) is exported one of three ways: --merge (one plain model), --adapter
+    (for peft.PeftModel.from_pretrained over the --base folder), or --base.
+
     Examples:
 
       foundry convert to-hf runs/tiny-cpu hf/tiny-cpu
 
       foundry convert to-hf runs/tiny-cpu/checkpoints/step-00000100 hf/tiny --dtype bfloat16
+
+      foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-merged --merge
+
+      foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-base --base
+
+      foundry convert to-hf runs/tiny-lora-cpu hf/tiny-lora-adapter --adapter
 
       foundry convert to-hf runs/tiny-cpu hf/tiny-cpu --overwrite
 
@@ -54,6 +74,8 @@ def to_hf(
     from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
     from foundry.config.size import parse_size
     from foundry.convert.hf import DTYPE_NAMES, adapter_for, export_hf
+    from foundry.convert.lora import export_lora, lora_reference
+    from foundry.errors import FoundryError
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -64,6 +86,20 @@ def to_hf(
         )
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     path = resolve_checkpoint(run_or_checkpoint)
+    modes = [m for m, on in (("merge", merge), ("adapter", adapter), ("base", base)) if on]
+    if len(modes) > 1:
+        raise FoundryError("choose one of --merge, --adapter, --base")
+    is_lora = lora_reference(path) is not None
+    if is_lora and not modes:
+        raise FoundryError(
+            f"{path} holds LoRA adapters, not a whole model: export with --merge (one merged model), "
+            "--adapter (a PEFT adapter folder) or --base (the base it was trained over)"
+        )
+    if modes:
+        with _replacing(out_dir) as tmp:
+            export_lora(path, tmp, modes[0], dtype=dtype, tokenizer=tokenizer)
+        typer.echo(f"wrote {out_dir} ({modes[0]}) from {path}")
+        return
     cfg = checkpoint_config(path)
     state = load_model_weights(path)
     embedding = state[adapter_for(cfg.model).EMBEDDING]

@@ -88,16 +88,17 @@ def _siblings(key: str) -> list[str]:
 
 
 def _suggest(path: str, valid_here: list[str]) -> str:
-    """Nearest valid key: first among siblings, then anywhere in the schema (`lr` -> `optimizer.lr`)."""
+    """Nearest valid key: the same name elsewhere in the schema (`lr` -> `optimizer.lr`, not the sibling
+    `lora`), then a near name among siblings, then a near path anywhere."""
     leaf = path.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, valid_here, n=1, cutoff=0.6)
-    if close:
-        parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
-        return f"; did you mean {parent}{close[0]}?"
     everywhere = schema_paths()
     by_leaf = [p for p in everywhere if p.rsplit(".", 1)[-1] == leaf]
     if by_leaf:
         return f"; did you mean {by_leaf[0]}?"
+    close = difflib.get_close_matches(leaf, valid_here, n=1, cutoff=0.6)
+    if close:
+        parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+        return f"; did you mean {parent}{close[0]}?"
     close = difflib.get_close_matches(path, everywhere, n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
 

@@ -6,6 +6,7 @@ Plain data, validated up front; the modules that build from them live in foundry
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from foundry.config.checks import one_of, positive
 from foundry.errors import ConfigError
@@ -102,6 +103,9 @@ class MPTConfig(ModelConfig):
     """MPT (mosaicml/llm-foundry): ALiBi, LayerNorm, GELU MLP, tied output matrix."""
 
     name: str = "mpt_causal_lm"
+    # LoRA (foundry/config/lora.py): the Linear layers it may adapt, the modules it may train whole.
+    lora_targets: ClassVar[tuple[str, ...]] = ("Wqkv", "out_proj", "up_proj", "down_proj")
+    lora_savable: ClassVar[tuple[str, ...]] = ("norm_1", "norm_2", "norm_f")
     expansion_ratio: float = 4
     no_bias: bool = True
     norm_type: str = "low_precision_layernorm"

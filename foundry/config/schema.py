@@ -15,6 +15,7 @@ from typing import Any
 from foundry.config.checks import one_of, positive
 from foundry.config.duration import Duration
 from foundry.config.icl import GauntletConfig, ICLTaskConfig, validate_icl_tasks
+from foundry.config.lora import LoRAConfig
 from foundry.config.model import ModelConfig, MPTConfig
 from foundry.errors import ConfigError
 
@@ -247,6 +248,8 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
+    # Parameter-efficient finetuning: adapters on a frozen (optionally 4-bit) base from load_path.
+    lora: LoRAConfig | None = None
     # Extra callbacks (foundry/train/callbacks): `package.module:Class` or `path/to/file.py:Class`.
     callbacks: list[str] = field(default_factory=list)
 
@@ -275,6 +278,13 @@ class TrainConfig:
         self.scheduler.validate("scheduler")
         self.fsdp_config.validate("fsdp_config")
         self.data.validate("data")
+        if self.lora is not None:
+            self.lora.validate("lora", self.model)
+            if not self.load_path:
+                raise ConfigError(
+                    "LoRA adapts existing weights: set load_path to a checkpoint or Hugging Face folder",
+                    "load_path",
+                )
         if self.icl_tasks:
             validate_icl_tasks(self.icl_tasks)
             if not self.tokenizer.name:

@@ -228,14 +228,17 @@ def is_hf_folder(path: str | Path) -> bool:
     )
 
 
-def load_hf_into(model: torch.nn.Module, hf_dir: str | Path) -> None:
+def load_hf_into(
+    model: torch.nn.Module, hf_dir: str | Path, skip: frozenset[str] | set[str] = frozenset()
+) -> None:
     """Fill `model` (FSDP2-sharded or not) from a HF folder, each rank reading only the rows it owns.
 
     safetensors files are read by positioned reads of the rows a rank owns (foundry/convert/safetensors_io.py),
     so a rank's peak host memory is its share of the model, not the model; .bin files are memory-mapped and
     read one at a time, closed after (pages touched in a mapped file count as memory until it is closed).
     The folder's architecture must be the run's (`model:` in the YAML), or the load is refused with the
-    settings that differ.
+    settings that differ. Names in `skip` are left alone (LoRA's adapters; an NF4 base, read whole by
+    ``read_hf_tensor``).
     """
     path = Path(hf_dir)
     raw = json.loads((path / "config.json").read_text())
@@ -245,6 +248,8 @@ def load_hf_into(model: torch.nn.Module, hf_dir: str | Path) -> None:
     token_rows = token_row_names(model)
     by_file: dict[str, list[tuple[str, str, torch.Tensor]]] = {}
     for name, tensor in _named_tensors(model):
+        if name in skip:
+            continue
         hf_name = adapter.hf_name(name)
         if hf_name not in index:
             raise FoundryError(
@@ -293,6 +298,20 @@ def _load_tensor(
     region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
     with torch.no_grad():
         local.copy_(reader.read(file, hf_name, region))
+
+
+def read_hf_tensor(hf_dir: str | Path, name: str) -> torch.Tensor:
+    """One tensor (by foundry name) of a HF folder, whole, on the CPU."""
+    path = Path(hf_dir)
+    raw = json.loads((path / "config.json").read_text())
+    adapter = _adapter_for_type(raw.get("model_type"), str(path))
+    hf_name = adapter.hf_name(name)
+    index = _tensor_index(path)
+    if hf_name not in index:
+        raise FoundryError(f"{path} has no tensor {hf_name} (for {name})")
+    with _TensorReader(path) as reader:
+        shape = reader.shape(index[hf_name], hf_name)
+        return reader.read(index[hf_name], hf_name, tuple(slice(0, n) for n in shape)).clone()
 
 
 def _named_tensors(model: torch.nn.Module):

@@ -148,7 +148,11 @@ def init_weights(model: nn.Module, seed: int) -> None:
             name = canonical_name(f"{module_name}.{param_name}" if module_name else param_name)
             if param.device.type == "meta":
                 raise FoundryError(f"{name} is on the meta device: call model.to_empty(device=...) first")
-            fill = initializer(module, canonical_name(module_name), param_name, cfg)
+            # A module may bring its own rule (LoRA's factors; "skip" for a tensor that is loaded instead).
+            rule = module.init_rule(param_name) if hasattr(module, "init_rule") else None
+            if rule == "skip":
+                continue
+            fill = rule or initializer(module, canonical_name(module_name), param_name, cfg)
             _assign(param, _generate(param, name, seed, fill))
 
 

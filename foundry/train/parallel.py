@@ -136,14 +136,32 @@ def build_parallel_model(
     precision: str,
     compile: bool,
     seed: int,
+    lora=None,
+    token_ids: tuple[int, ...] = (),
 ) -> tuple[nn.Module, int]:
     """The one way a model is made for training (trainer and benchmarks alike): built on the meta device,
-    parallelized, materialized on the device, initialized. Returns (model, parameter count)."""
+    given LoRA adapters (`lora`: a LoRAConfig) and the trainable rows of `token_ids`, parallelized,
+    materialized on the device, initialized. Returns (model, parameter count of the base)."""
     from foundry.models.build import build_model, init_weights, num_params
     from foundry.runtime.precision import param_dtype
 
     model = build_model(model_cfg, vocab_size=vocab_size, device="meta").to(param_dtype(precision))
     n_params = num_params(model)
+    if lora is not None:
+        from foundry.models.lora import apply_lora, lora_summary
+
+        shards = mesh_shape(env, fsdp)[1] if dist.is_initialized() else 1
+        train_dtype = param_dtype(precision)
+        base_dtype = torch.bfloat16 if precision == "amp_bf16" else train_dtype
+        apply_lora(model, lora, token_ids, base_dtype=base_dtype, train_dtype=train_dtype, shards=shards)
+        if env.is_main:
+            log.info(
+                "LoRA r=%d alpha=%g on %s: %s",
+                lora.r,
+                lora.alpha,
+                ", ".join(lora.target_modules),
+                lora_summary(model),
+            )
     model = parallelize(model, env, fsdp, precision, compile)
     model.to_empty(device=env.device)
     init_weights(model, seed)

@@ -110,6 +110,11 @@ class Trainer:
 
         self.precision = resolve_precision(cfg.precision, self.env.device)
         torch.manual_seed(cfg.seed)
+        self.token_ids: tuple[int, ...] = ()
+        if cfg.lora is not None:
+            from foundry.train.lora_base import new_token_ids
+
+            self.token_ids = new_token_ids(cfg, self.plan)
         self.model, self.n_params = build_parallel_model(
             cfg.model,
             tokenizer_vocab,
@@ -118,7 +123,10 @@ class Trainer:
             self.precision,
             cfg.compile if cfg.compile is not None else self.env.device.type == "cuda",
             cfg.seed,
+            lora=cfg.lora,
+            token_ids=self.token_ids,
         )
+        self.lora_base: dict | None = None  # a LoRA run's base reference, set when the base is loaded
         _check_sft_vocabulary(self.plan, self.model.get_input_embeddings().weight.shape[0])
         self.identity = run_identity(cfg, rows)  # stored in every checkpoint, compared on resume
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -240,15 +248,20 @@ class Trainer:
     def _resume_or_load(self) -> Path | None:
         """Autoresume from the newest good checkpoint; else start from load_path's weights; else fresh."""
         loaded = None
+        lora = self.cfg.lora is not None
+        if lora:  # a LoRA checkpoint holds the adapters only: the base comes from load_path every time
+            self._load_weights(self.cfg.load_path)
         if self.cfg.autoresume:
-            loaded = self.checkpointer.load_newest(app_state(self.model, self.optimizer), self._check_resume)
+            loaded = self.checkpointer.load_newest(
+                app_state(self.model, self.optimizer, trainable_only=lora), self._check_resume
+            )
         elif self.env.is_main and (self.run_dir / ckpt.CHECKPOINTS).is_dir():
             log.warning(
                 "autoresume=false: starting from step 0 in %s; its checkpoints are replaced as this run saves",
                 self.run_dir,
             )
         if loaded is None:
-            if self.cfg.load_path:
+            if self.cfg.load_path and not lora:
                 self._load_weights(self.cfg.load_path)
             return None
         path, trainer_state, rng = loaded
@@ -271,11 +284,28 @@ class Trainer:
     def _check_resume(self, path: Path, trainer_state: dict) -> None:
         """Before a checkpoint's weights are read: is it this run (seed, model, optimizer)?"""
         check_run_unchanged(trainer_state.get("run_identity"), self.identity, self.cfg)
+        if self.cfg.lora is not None:  # adapters resume only over the base they were trained on
+            from foundry.train.lora_base import check_same_base
+
+            check_same_base(trainer_state.get("lora_base"), self.lora_base, path)
 
     def _load_weights(self, load_path: str) -> None:
         """Weights only (fresh optimizer), read straight into the sharded model: no rank holds them all."""
         from foundry.convert.hf import is_hf_folder, load_hf_into
 
+        if self.cfg.lora is not None:
+            from foundry.train.lora_base import base_reference, load_base
+
+            load_base(self.model, load_path)
+            self.lora_base = base_reference(self.cfg, self.model, self.token_ids)
+            if self.env.is_main:
+                log.info(
+                    "LoRA base: %s (frozen%s; fingerprint %s)",
+                    load_path,
+                    ", NF4" if self.cfg.lora.quantize_base == "nf4" else "",
+                    self.lora_base["fingerprint"][:20],
+                )
+            return
         if is_hf_folder(load_path):
             load_hf_into(self.model, load_path)
             where = load_path

@@ -20,6 +20,7 @@ from foundry.errors import ConfigError, FoundryError
 from foundry.models.attention import AttentionPlan, alibi_slopes, attend, plan_attention, resolve_attn_impl
 from foundry.models.dropout import residual_dropout
 from foundry.models.kv_cache import KVCache
+from foundry.models.lora.layers import embedding_matrix
 from foundry.models.loss import lm_loss
 from foundry.models.norm import build_norm
 
@@ -193,7 +194,9 @@ class MPTForCausalLM(nn.Module):
         hidden = self.transformer(input_ids, plan)
         if cache is not None:
             cache.advance(seq_len)
-        lm_weight = self.transformer.wte.weight  # tied output matrix, as in MPT
+        lm_weight = embedding_matrix(
+            self.transformer.wte
+        )  # tied output matrix, as in MPT (LoRA token rows in)
         if labels is not None:
             # The fused loss pays off where its per-chunk kernel is compiled (CUDA); on a CPU the plain
             # path is faster (measured: 2x on the tiny preset), and there memory is rarely the limit.

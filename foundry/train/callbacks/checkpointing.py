@@ -69,10 +69,13 @@ def save(trainer, blocking: bool = True) -> None:
         "data_fingerprint": trainer.fingerprint,
         "run_identity": trainer.identity,  # seed, model, optimizer: compared on resume
     }
+    lora = trainer.cfg.lora is not None
+    if lora:  # adapters only: what base they sit on, and what export needs to rebuild the model
+        trainer_state["lora_base"] = trainer.lora_base
     t0 = time.perf_counter()
     trainer.checkpointer.save(
         state.step,
-        app_state(trainer.model, trainer.optimizer),
+        app_state(trainer.model, trainer.optimizer, trainable_only=lora),
         trainer_state,
         capture_rng(),
         to_yaml(trainer.cfg),
