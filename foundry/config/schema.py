@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from foundry.config.checks import one_of, positive
-from foundry.config.duration import Duration
+from foundry.config.duration import LENGTH_UNITS, Duration
 from foundry.config.model import ModelConfig, MPTConfig
 from foundry.errors import ConfigError
 
@@ -110,7 +110,7 @@ class PhaseConfig:
 
     def validate(self, path: str) -> None:
         positive(self.max_seq_len, f"{path}.max_seq_len")
-        Duration.parse(self.duration, f"{path}.duration")
+        Duration.parse(self.duration, f"{path}.duration", units=LENGTH_UNITS)
         if self.data is not None:
             self.data.validate(f"{path}.data")
         if self.global_train_batch_size is not None:
@@ -143,8 +143,7 @@ class SchedulerConfig:
 
     def validate(self, path: str) -> None:
         one_of(self.name, SCHEDULERS, f"{path}.name")
-        if self.t_warmup not in ("0ba", "0tok"):
-            Duration.parse(self.t_warmup, f"{path}.t_warmup")
+        Duration.parse(self.t_warmup, f"{path}.t_warmup", allow_zero=True)
         if self.t_max is not None:
             Duration.parse(self.t_max, f"{path}.t_max")
         Duration.parse(self.t_scale, f"{path}.t_scale")
@@ -191,7 +190,9 @@ class TrainConfig:
     max_seq_len: int = 2048
     max_duration: str | None = None  # required unless phases: are given
     global_train_batch_size: int = 8
-    device_train_microbatch_size: int = 1
+    # Rows per forward/backward on each rank, or "auto": the largest that fits, found on the GPU at
+    # start-up (foundry/train/microbatch.py; on a CPU the whole per-rank batch).
+    device_train_microbatch_size: int | str = 1
     device_eval_batch_size: int = 1
     eval_interval: str | None = None
     eval_subset_num_batches: int = -1  # -1: the whole eval set
@@ -233,13 +234,15 @@ class TrainConfig:
         return self.save_folder or f"runs/{self.run_name}"
 
     def validate(self) -> None:
-        for key in (
-            "global_train_batch_size",
-            "device_train_microbatch_size",
-            "device_eval_batch_size",
-            "max_seq_len",
-        ):
+        for key in ("global_train_batch_size", "device_eval_batch_size", "max_seq_len"):
             positive(getattr(self, key), key)
+        micro = self.device_train_microbatch_size
+        if micro != "auto" and (isinstance(micro, bool) or not isinstance(micro, int)):
+            raise ConfigError(
+                f"must be a number of rows or auto, got {micro!r}", "device_train_microbatch_size"
+            )
+        if micro != "auto":
+            positive(micro, "device_train_microbatch_size")
         one_of(self.precision, PRECISIONS, "precision")
         one_of(self.device, ("auto", "cpu", "cuda"), "device")
         for key in ("save_interval", "log_interval") + (("eval_interval",) if self.eval_interval else ()):
@@ -264,7 +267,7 @@ class TrainConfig:
                 raise ConfigError(
                     "required: how long to train, e.g. max_duration: 2000ba or 10Btok", "max_duration"
                 )
-            Duration.parse(self.max_duration, "max_duration")
+            Duration.parse(self.max_duration, "max_duration", units=LENGTH_UNITS)
             longest = self.max_seq_len
         if longest > self.model.max_seq_len:
             raise ConfigError(

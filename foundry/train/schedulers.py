@@ -10,7 +10,9 @@
 - inv_sqrt_with_warmup:      alpha_f + (1 - alpha_f) / sqrt((t - t_warmup + t_scale) / t_scale)
   (llm-foundry's InverseSquareRootWithWarmupScheduler without the cooldown; 1 right after warmup)
 
-Durations given in tokens become steps with the run's tokens per step (rounded up to whole steps).
+Durations given in tokens or samples become steps with the first phase's step size (rounded up to whole
+steps); ``ep`` counts that phase's epochs and ``dur`` is a fraction of the run (Composer's default t_max is
+``1dur``, the run's length, which is also what ``t_max: null`` means here).
 """
 
 from __future__ import annotations
@@ -60,22 +62,33 @@ class LRMultiplier:
         )
 
 
-def _steps(text: str | None, tokens_per_step: int, path: str, default: int) -> int:
+def _steps(text: str | None, path: str, default: int, **context) -> int:
     if text is None:
         return default
-    if text.strip() in ("0ba", "0tok"):  # Duration refuses 0; a zero warmup is a valid choice here
-        return 0
-    return Duration.parse(text, path).to_steps(tokens_per_step)
+    return Duration.parse(text, path, allow_zero=True).to_steps(path=path, **context)
 
 
-def build_multiplier(cfg: SchedulerConfig, total_steps: int, tokens_per_step: int) -> LRMultiplier:
+def build_multiplier(
+    cfg: SchedulerConfig,
+    total_steps: int,
+    tokens_per_step: int,
+    rows_per_step: int | None = None,
+    steps_per_epoch: int | None = None,
+) -> LRMultiplier:
+    """Durations in steps: tokens and samples of the first phase's steps, ``ep`` its epoch, ``dur`` the run."""
     if cfg.name not in SCHEDULERS:
         raise ConfigError(
             f"unknown scheduler {cfg.name!r}; use one of {', '.join(SCHEDULERS)}", "scheduler.name"
         )
-    t_warmup = _steps(cfg.t_warmup, tokens_per_step, "scheduler.t_warmup", 0)
-    t_max = _steps(cfg.t_max, tokens_per_step, "scheduler.t_max", total_steps)
-    t_scale = _steps(cfg.t_scale, tokens_per_step, "scheduler.t_scale", 1)
+    context = dict(
+        tokens_per_step=tokens_per_step,
+        rows_per_step=rows_per_step,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+    t_warmup = _steps(cfg.t_warmup, "scheduler.t_warmup", 0, **context)
+    t_max = _steps(cfg.t_max, "scheduler.t_max", total_steps, **context)
+    t_scale = _steps(cfg.t_scale, "scheduler.t_scale", 1, **context)
     if t_warmup > t_max:
         # Composer accepts this too (the run never leaves warmup); a short smoke run of a full recipe
         # hits it on purpose, so warn instead of refusing.
@@ -86,7 +99,14 @@ def build_multiplier(cfg: SchedulerConfig, total_steps: int, tokens_per_step: in
 
 
 def build_scheduler(
-    optimizer: Optimizer, cfg: SchedulerConfig, total_steps: int, tokens_per_step: int
+    optimizer: Optimizer,
+    cfg: SchedulerConfig,
+    total_steps: int,
+    tokens_per_step: int,
+    rows_per_step: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> LambdaLR:
     """Call ``scheduler.step()`` once after each ``optimizer.step()``."""
-    return LambdaLR(optimizer, build_multiplier(cfg, total_steps, tokens_per_step))
+    return LambdaLR(
+        optimizer, build_multiplier(cfg, total_steps, tokens_per_step, rows_per_step, steps_per_epoch)
+    )
