@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from foundry.cli import convert, evaluate, jobs, plan, submit, train_cmds
+from foundry.cli import convert, evaluate, jobs, migrate, plan, submit, train_cmds
 from foundry.cli.common import run_guarded
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("pretrain", context_settings=_EXTRA)(train_cmds.pretrain)
 app.command("finetune", context_settings=_EXTRA)(train_cmds.finetune)
 app.command("eval", context_settings=_EXTRA)(evaluate.eval_cmd)
 app.command("plan", context_settings=_EXTRA)(plan.plan)
+app.command("migrate")(migrate.migrate_cmd)
 app.add_typer(convert.app, name="convert")
 app.command("submit", context_settings=_EXTRA)(submit.submit)
 app.command("jobs")(jobs.jobs_cmd)

@@ -243,3 +243,76 @@ def read_composer_checkpoint(path: str | Path) -> ComposerCheckpoint:
         dataset_state=dataset_state if isinstance(dataset_state, dict) else None,
         run_name=state.get("run_name") if isinstance(state.get("run_name"), str) else None,
     )
+
+
+# --- weights into a (sharded) model, and into foundry names ----------------------------------------------
+
+
+def model_config_of(ck: ComposerCheckpoint, run_cfg=None):
+    """The model config the checkpoint's weights belong to: its Hugging Face config if it carries one
+    (llm-foundry's MPTs do), else `run_cfg` (the run's `model:`), whose shapes are then checked."""
+    from foundry.convert.hf import _adapter_for_type
+
+    if ck.hf_config is not None:
+        adapter = _adapter_for_type(ck.hf_config.get("model_type"), str(ck.path))
+        cfg = adapter.config_from_hf(ck.hf_config, source=f"{ck.path} (its Hugging Face config)")
+        return cfg, adapter
+    if run_cfg is None:
+        raise CheckpointError(
+            f"{ck.path} carries no model config (state.integrations.huggingface); pass --config with the "
+            "run's YAML (its `model:` must describe these weights)"
+        )
+    import copy
+
+    from foundry.convert.hf import adapter_for
+
+    return copy.deepcopy(run_cfg), adapter_for(run_cfg)
+
+
+def foundry_weights(ck: ComposerCheckpoint, run_cfg=None):
+    """(state dict under foundry's names, model config with vocab_size set to the embedding's rows)."""
+    from foundry.convert.hf import check_weights
+
+    cfg, adapter = model_config_of(ck, run_cfg)
+    raw = ck.hf_config or {"model_type": adapter.MODEL_TYPE, "architectures": ["MPTForCausalLM"]}
+    state, rows = adapter.import_weights(ck.model, raw, cfg, str(ck.path))
+    cfg.vocab_size = rows
+    check_weights(state, cfg, rows)
+    return state, cfg
+
+
+def load_composer_into(model: torch.nn.Module, path: str | Path) -> None:
+    """Fill `model` (FSDP2-sharded or not) from a Composer checkpoint: the file is memory-mapped, and
+    each rank copies only the rows it owns. The checkpoint's architecture must be the run's."""
+    from torch.distributed.tensor import DTensor
+
+    from foundry.convert.hf import _check_same_architecture
+    from foundry.models.build import canonical_name
+
+    ck = read_composer_checkpoint(path)
+    state, cfg = foundry_weights(ck, model.cfg)
+    if ck.hf_config is not None:
+        _check_same_architecture(model.cfg, cfg, Path(path))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        name = canonical_name(name)
+        if name not in state:
+            raise CheckpointError(f"{path} has no tensor {name}; is it a {model.cfg.name} model?")
+        source = state[name]
+        if tuple(source.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(source.shape)}, the run's model wants {tuple(tensor.shape)} "
+                "(set model: to the checkpoint's architecture: `foundry migrate` of its YAML does)"
+            )
+        local, offset = tensor, (0,) * source.dim()
+        if isinstance(tensor, DTensor):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            _, offset = compute_local_shape_and_global_offset(
+                tensor.shape, tensor.device_mesh, tensor.placements
+            )
+            local = tensor.to_local()
+        if local.numel() == 0:
+            continue
+        region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape, strict=True))
+        with torch.no_grad():
+            local.copy_(source[region])

@@ -7,7 +7,7 @@
 
 ALiBi follows MPT (and HF's ``build_mpt_alibi_tensor``): head h adds ``slope_h * (key_pos - query_pos)`` to the
 scores. HF adds ``slope_h * (key_pos - last_pos)`` instead; the two differ by a constant per query row, which
-softmax ignores.
+softmax ignores. Without slopes (an MPT with learned positional embeddings) attention is plain causal.
 """
 
 from __future__ import annotations
@@ -109,10 +109,10 @@ class AttentionPlan:
     """
 
     impl: str
-    slopes: torch.Tensor  # [H] fp32
+    slopes: torch.Tensor | None  # [H] fp32; None: no ALiBi (plain causal attention)
     block_mask: object | None = None  # flex: causal BlockMask
     flex_fn: object | None = None  # flex: the compiled kernel
-    bias: torch.Tensor | None = None  # torch: [1, H, S, S] ALiBi + causal -inf
+    bias: torch.Tensor | None = None  # torch: [1, H, S, S] ALiBi + causal -inf; None: SDPA's is_causal
     kernel_options: dict | None = (
         None  # flex: FlexAttention kernel options (CAUSAL_FLEX_OPTIONS + the caller's)
     )
@@ -120,25 +120,28 @@ class AttentionPlan:
 
 def plan_attention(
     impl: str,
-    slopes: torch.Tensor,
+    slopes: torch.Tensor | None,
     seq_len: int,
     dtype: torch.dtype,
     block_masks: dict,
     kernel_options: dict | None = None,
+    device: torch.device | None = None,
 ) -> AttentionPlan:
     """The plan for one forward. ``dtype``: the attention inputs' dtype (the autocast dtype under autocast).
 
-    ``block_masks`` caches flex BlockMasks by (seq_len, device) across calls.
+    ``block_masks`` caches flex BlockMasks by (seq_len, device) across calls. ``slopes`` None: no ALiBi
+    (then ``device`` says where the mask lives).
     """
     plan = AttentionPlan(impl=impl, slopes=slopes)
+    device = slopes.device if slopes is not None else torch.device(device or "cpu")
     if impl == "flex":
-        key = (seq_len, str(slopes.device))
+        key = (seq_len, str(device))
         if key not in block_masks:
-            block_masks[key] = causal_block_mask(seq_len, slopes.device)
+            block_masks[key] = causal_block_mask(seq_len, device)
         plan.block_mask = block_masks[key]
         plan.flex_fn = _compiled_flex_attention()
         plan.kernel_options = {**CAUSAL_FLEX_OPTIONS, **(kernel_options or {})}
-    elif impl == "torch":
+    elif impl == "torch" and slopes is not None:
         plan.bias = alibi_causal_bias(slopes, seq_len).to(dtype)  # SDPA wants the bias in the query's dtype
     return plan
 
@@ -164,11 +167,14 @@ def attend(
             q,
             k,
             v,
-            score_mod=_alibi_score_mod(plan.slopes),
+            score_mod=_alibi_score_mod(plan.slopes) if plan.slopes is not None else None,
             block_mask=plan.block_mask,
             scale=scale,
             kernel_options=plan.kernel_options,
         )
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale)
+        causal = plan.bias is None  # no ALiBi: SDPA's own causal mask (its flash/efficient kernels)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale, is_causal=causal
+        )
     return out.transpose(1, 2)

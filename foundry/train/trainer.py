@@ -252,10 +252,14 @@ class Trainer:
 
     def _load_weights(self, load_path: str) -> None:
         """Weights only (fresh optimizer), read straight into the sharded model: no rank holds them all."""
+        from foundry.convert.composer import is_composer_checkpoint, load_composer_into
         from foundry.convert.hf import is_hf_folder, load_hf_into
 
         if is_hf_folder(load_path):
             load_hf_into(self.model, load_path)
+            where = load_path
+        elif is_composer_checkpoint(load_path):  # llm-foundry's ep0-ba60-rank0.pt
+            load_composer_into(self.model, load_path)
             where = load_path
         else:
             where = ckpt.load_into(self.model, load_path)

@@ -1,10 +1,11 @@
-"""MPT: a decoder-only transformer with ALiBi (mosaicml/llm-foundry's MPT, transformers' MptForCausalLM).
+"""MPT: a decoder-only transformer (mosaicml/llm-foundry's MPT, transformers' MptForCausalLM).
 
-    tokens -> wte -> [block: x + attn(norm_1(x)); x + ffn(norm_2(x))] * n_layers -> norm_f -> x @ wte.T
+    tokens -> wte (+ wpe) -> [block: x + attn(norm_1(x)); x + ffn(norm_2(x))] * n_layers -> norm_f -> x @ wte.T
 
-There is no positional embedding: position enters as ALiBi, a per-head linear bias on the attention scores
-(foundry/models/attention.py). Parameter names match the released MPT checkpoints, so weights move to and
-from Hugging Face unchanged (foundry/convert/hf.py).
+Position enters as ALiBi, a per-head linear bias on the attention scores (foundry/models/attention.py;
+the released MPT models), or as learned positional embeddings ``transformer.wpe`` added to the token
+embeddings (llm-foundry's default). Parameter names match MPT checkpoints, so weights move to and from
+Hugging Face unchanged (foundry/convert/hf.py).
 """
 
 from __future__ import annotations
@@ -95,12 +96,17 @@ class MPTModel(nn.Module):
     def __init__(self, cfg: MPTConfig, vocab_size: int):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
+        if cfg.learned_pos_emb:
+            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = build_norm(cfg.norm_type, cfg.d_model, cfg.layer_norm_epsilon, bias=not cfg.no_bias)
 
     def forward(self, input_ids: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        x = self.emb_drop(self.wte(input_ids))
+        x = self.wte(input_ids)
+        if hasattr(self, "wpe"):
+            x = x + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
+        x = self.emb_drop(x)
         for block in self.blocks:
             x = block(x, plan)
         return self.norm_f(x)
@@ -115,7 +121,7 @@ class MPTForCausalLM(nn.Module):
                 "unknown vocabulary size: set model.vocab_size or give a tokenizer", "model.vocab_size"
             )
         self.cfg = cfg
-        self.vocab_size = padded_vocab_size(vocab_size)
+        self.vocab_size = vocab_size  # rows as given: build_model pads a tokenizer's size
         self.transformer = MPTModel(cfg, self.vocab_size)
         self._slopes: dict = {}  # ALiBi slopes by device
         self._block_masks: dict = {}  # flex BlockMasks by (seq_len, device), shared by all layers and steps
@@ -150,11 +156,15 @@ class MPTForCausalLM(nn.Module):
         if seq_len > self.cfg.max_seq_len:
             raise FoundryError(
                 f"sequence length {seq_len} exceeds model.max_seq_len {self.cfg.max_seq_len}; "
-                "raise model.max_seq_len (ALiBi extrapolates to longer sequences)"
+                + (
+                    "a model with learned positional embeddings has no positions beyond it"
+                    if self.cfg.learned_pos_emb
+                    else "raise model.max_seq_len (ALiBi extrapolates to longer sequences)"
+                )
             )
         device = input_ids.device
         slopes = self._slopes.get(device)
-        if slopes is None:  # a few tiny kernels; once per device, not once per forward
+        if slopes is None and self.cfg.attn_config.alibi:  # a few tiny kernels; once per device
             slopes = self._slopes[device] = alibi_slopes(
                 self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device
             )
@@ -165,6 +175,7 @@ class MPTForCausalLM(nn.Module):
             self._compute_dtype(),
             self._block_masks,
             kernel_options=self.flex_kernel_options,
+            device=device,
         )
         hidden = self.transformer(input_ids, plan)
         lm_weight = self.transformer.wte.weight  # tied output matrix, as in MPT
