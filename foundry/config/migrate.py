@@ -751,6 +751,9 @@ class _Migrator:
             return
         self.put("scheduler.name", name)
         self.row("scheduler.name", name, f"scheduler.name: {name}")
+        self.put("scheduler.composer_timing", True)
+        self.row("scheduler", "(Composer's timing)", "scheduler.composer_timing: true",
+                 "Composer steps its schedule before its clock: step k runs at the value for k - 2", "default")  # fmt: skip
         warm = _duration(sched.pop("t_warmup", None), "scheduler.t_warmup", self.problems)
         if warm is None:
             self.refuse("scheduler.t_warmup", None, "required by Composer's warmup schedulers")

@@ -140,6 +140,10 @@ class SchedulerConfig:
     alpha_f: float = 0.1
     t_max: str | None = None  # None: the run's length
     t_scale: str = "1ba"  # inv_sqrt_with_warmup's time scale
+    # Composer's trainer steps its schedulers before advancing its clock, so step k (from 1) runs at the
+    # schedule's value for k - 2 (the first two steps share the first value). true: the same timing
+    # (what `foundry migrate` writes); false: step k runs at the value for k - 1.
+    composer_timing: bool = False
 
     def validate(self, path: str) -> None:
         one_of(self.name, SCHEDULERS, f"{path}.name")

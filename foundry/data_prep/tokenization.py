@@ -294,7 +294,7 @@ class DocumentEncoder:
             lengths -= 1
         overhead = len(self.bos) + len(self.eos) + (1 if self.own_eos else 0)
         if self.bos or self.eos:
-            pieces = itertools.chain.from_iterable((self.bos, doc, self.eos) for doc in kept)
+            pieces = itertools.chain.from_iterable(itertools.chain(self.bos, doc, self.eos) for doc in kept)
         else:
             pieces = itertools.chain.from_iterable(kept)
         total = int(lengths.sum()) + overhead * len(kept)

@@ -117,10 +117,15 @@ def find_micro_batch(
     )
 
 
+def reserve(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A placeholder of the optimizer state's size, held while probing."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
 def _try(model, rows, seq_len, vocab, env, precision, reserve_bytes, try_rows) -> bool:
-    reserve = None
+    held = None
     try:
-        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=env.device)
+        held = reserve(reserve_bytes, env.device)
         try_rows(model, rows, seq_len, vocab, env.device, precision)
         return True
     except Exception as e:
@@ -128,7 +133,7 @@ def _try(model, rows, seq_len, vocab, env, precision, reserve_bytes, try_rows) -
             raise
         return False
     finally:
-        del reserve
+        del held
         model.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.empty_cache()

@@ -1,7 +1,9 @@
 """Learning-rate schedules with Composer's semantics, as multipliers of the optimizer's initial lr.
 
 ``t`` is the number of optimizer steps already taken, so the first step runs at ``alpha(0)``
-(0 under warmup, as in Composer). All four schedules warm up linearly, ``alpha = t / t_warmup`` for
+(0 under warmup, as in Composer). Composer's trainer evaluates its schedule before advancing its clock,
+so there step k runs at ``alpha(max(k - 2, 0))``, one step later than here; ``composer_timing: true``
+gives that timing (measured against Composer 0.32's trainer: lrs 0, 0, 0.5, 1, ... for a 2-step warmup). All four schedules warm up linearly, ``alpha = t / t_warmup`` for
 ``t < t_warmup``; after warmup, with ``tau = (t - t_warmup) / (t_max - t_warmup)`` clipped to [0, 1]:
 
 - cosine_with_warmup:        alpha_f + (1 - alpha_f) * (1 + cos(pi * tau)) / 2
@@ -41,8 +43,10 @@ class LRMultiplier:
     t_max: int
     alpha_f: float
     t_scale: int = 1
+    lag: int = 0  # 1: Composer's timing (the value for one step earlier; see SchedulerConfig.composer_timing)
 
     def __call__(self, step: int) -> float:
+        step = max(step - self.lag, 0)
         if step < self.t_warmup:
             return step / self.t_warmup
         if self.name == "constant_with_warmup":
@@ -94,7 +98,12 @@ def build_multiplier(
         # hits it on purpose, so warn instead of refusing.
         log.warning("scheduler.t_warmup (%d steps) is longer than the schedule (%d steps)", t_warmup, t_max)
     return LRMultiplier(
-        cfg.name, t_warmup=t_warmup, t_max=t_max, alpha_f=float(cfg.alpha_f), t_scale=max(t_scale, 1)
+        cfg.name,
+        t_warmup=t_warmup,
+        t_max=t_max,
+        alpha_f=float(cfg.alpha_f),
+        t_scale=max(t_scale, 1),
+        lag=1 if cfg.composer_timing else 0,
     )
 
 
