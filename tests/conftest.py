@@ -204,7 +204,13 @@ DIST_STEPS = 24
 @pytest.fixture(scope="session")
 def dist_config(tmp_path_factory) -> Path:
     """A run YAML for multi-process tests: 24 steps of ~0.1 s on 2 CPU ranks, checkpoints every 4 steps,
-    global batch 16 rows in micro-batches of 2 (so it splits over 1, 2 and 4 ranks alike)."""
+    global batch 16 rows in micro-batches of 2 (so it splits over 1, 2 and 4 ranks alike).
+
+    precision fp64: runs on 1, 2 and 4 ranks (and in pytest's threads vs OMP_NUM_THREADS=1 workers) sum
+    the same gradients in another order. In fp32 that is ~1e-7 relative, and Lion's sign() turns an update
+    that sits within it of zero into a 2*lr step on that weight, which then spreads: on an AMD EPYC (Zen 3)
+    1 and 2 ranks part from step 4 on and differ by up to 1.6e-3, on other CPUs they happened not to. In fp64 the same reorderings differ by ~1e-15, no update flips, and 1 vs 2 ranks end with
+    bit-identical weights (tests/test_distributed.py has the numbers)."""
     tmp = tmp_path_factory.mktemp("dist")
     train = write_token_dataset(tmp / "data" / "train", unique_windows(400, 64, 512, 0))
     val = write_token_dataset(tmp / "data" / "val", learnable_windows(32, 64, 512, 1))
@@ -222,6 +228,7 @@ def dist_config(tmp_path_factory) -> Path:
             train=train,
             val=val,
         )  # fmt: skip
+        + "precision: fp64\n"
     )
     return path
 
@@ -385,3 +392,97 @@ def dist_one_rank(dist_config, tmp_path_factory) -> Path:
     finally:
         mp.undo()
     return run
+
+
+# --- ICL evaluation: a tokenizer and a tiny model trained on stdlib code (tests/test_icl_*.py, test_eval_cli.py)
+
+
+@pytest.fixture(scope="session")
+def icl_tokenizer(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE tokenizer, as `foundry data-prep tokenizer` trains it, on stdlib packages."""
+    from icl_data import PACKAGES, STDLIB
+
+    from foundry.data_prep.tokenizer_train import TokenizerTrainOptions, train_tokenizer
+
+    out = tmp_path_factory.mktemp("icl") / "tokenizer"
+    opts = TokenizerTrainOptions(out=out, vocab_size=512, globs=("*.py",), progress=False)
+    train_tokenizer([str(STDLIB / p) for p in PACKAGES], opts)
+    return out
+
+
+ICL_RUN = """\
+defaults:
+  - /model: tiny
+  - _self_
+run_name: icl
+seed: 5
+max_seq_len: 64
+max_duration: {steps}ba
+global_train_batch_size: 16
+device_train_microbatch_size: {micro}
+device_eval_batch_size: 4
+eval_interval: {eval_every}ba
+save_interval: {save_every}ba
+log_interval: 10ba
+progress_bar: false
+model:
+  d_model: 64
+  n_heads: 4
+  n_layers: 2
+  max_seq_len: 256
+  vocab_size: 512
+  attn_config: {{attn_impl: torch}}
+tokenizer: {{name: {tokenizer}}}
+data:
+  streams:
+    code: {{local: {data}}}
+  num_workers: 0
+optimizer: {{name: decoupled_lionw, lr: 3.0e-3, betas: [0.9, 0.95], weight_decay: 0.0}}
+scheduler: {{name: cosine_with_warmup, t_warmup: 5ba, alpha_f: 0.1}}
+"""
+
+
+@pytest.fixture(scope="session")
+def icl_train_data(tmp_path_factory, icl_tokenizer) -> Path:
+    from icl_data import train_windows
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("icl_data") / "code"
+    return write_token_dataset(folder, train_windows(AutoTokenizer.from_pretrained(icl_tokenizer), 64))
+
+
+@pytest.fixture(scope="session")
+def icl_run(tmp_path_factory, icl_tokenizer, icl_train_data) -> Path:
+    """A tiny MPT trained for 80 steps on stdlib code (its run folder; one checkpoint, at the end)."""
+    from foundry.config.load import load_config
+    from foundry.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("icl_run")
+    config = tmp / "run.yaml"
+    config.write_text(
+        ICL_RUN.format(
+            steps=80, micro=16, eval_every=80, save_every=80, tokenizer=icl_tokenizer, data=icl_train_data
+        )
+    )
+    run = tmp / "run"
+    train(load_config(config, [f"save_folder={run}"]))
+    return run
+
+
+@pytest.fixture(scope="session")
+def icl_hf(icl_run, tmp_path_factory) -> Path:
+    """icl_run exported by `foundry convert to-hf` (a folder stock transformers loads, with the tokenizer)."""
+    from foundry.cli.convert import to_hf
+
+    out = tmp_path_factory.mktemp("icl_hf") / "hf"
+    to_hf(icl_run, out, dtype="float32", tokenizer=None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def icl_tasks(tmp_path_factory) -> Path:
+    """A tasks YAML with one task of each type (and one with categories), at 0 and 2 shots."""
+    from icl_data import tasks_yaml, write_tasks
+
+    folder = tmp_path_factory.mktemp("icl_tasks")
+    return tasks_yaml(write_tasks(folder), folder / "tasks.yaml")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import read_metrics
 
-VERBS = ["pretrain", "finetune", "eval", "plan", "convert", "data-prep"]
+VERBS = ["pretrain", "finetune", "eval", "generate", "plan", "convert", "data-prep", "report"]
 
 
 def test_help_lists_verbs(cli):
@@ -26,10 +26,13 @@ def test_help_lists_verbs(cli):
         ["pretrain"],
         ["finetune"],
         ["eval"],
+        ["generate"],
         ["plan"],
         ["convert", "to-hf"],
         ["convert", "from-hf"],
         ["data-prep", "text"],
+        ["data-prep", "icl-stdlib"],
+        ["report"],
     ],
 )
 def test_verb_help_has_examples(cli, args):

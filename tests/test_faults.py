@@ -2,7 +2,7 @@
 random steps, and while a checkpoint is being written), a damaged checkpoint, NaN losses, a hung rank.
 
 Rerunning the same command after each crash continues the run; at the end every step's loss and the
-final weights equal those of the uninterrupted 2-rank run (same world size, fp32 CPU: bitwise).
+final weights equal those of the uninterrupted 2-rank run (same world size and threads: bitwise).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from foundry.config.schema import DataConfig, StreamConfig, WandbConfig
 from foundry.errors import FoundryError
 from foundry.train.trainer import train
 
-
 PROBE = """
 import json, os
 from foundry.train.callbacks import Callback

@@ -31,16 +31,26 @@ def test_tiny_run_learns(tiny_run, tmp_path: Path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_run, tmp_path: Path):
-    """Micro-batching is an implementation detail: 8 rows as 1x8 or 4x2 give the same losses."""
+    """Micro-batching is an implementation detail: 8 rows as 1x8 or 4x2 give the same losses.
+
+    In fp64: other micro-batch shapes run other matmul kernels and sum in another order, and in fp32 Lion's
+    sign() can turn that rounding into a 2*lr step whenever an update sits near zero (see
+    tests/test_distributed.py); on this model 1x8 vs 4x2 measured <= 1e-6 in fp32 and <= 1.8e-15 in fp64
+    over 30 steps."""
     path = tiny_run(steps=5)
     losses = []
     for micro in (8, 2):
         cfg = load_config(
-            path, [f"save_folder={tmp_path / f'm{micro}'}", f"device_train_microbatch_size={micro}"]
+            path,
+            [
+                f"save_folder={tmp_path / f'm{micro}'}",
+                f"device_train_microbatch_size={micro}",
+                "precision=fp64",
+            ],
         )
         train(cfg)
         losses.append([r["loss"] for r in read_metrics(tmp_path / f"m{micro}") if "loss" in r])
-    assert max(abs(a - b) for a, b in zip(*losses, strict=True)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(*losses, strict=True)) < 1e-10
 
 
 def test_autoresume_continues_a_finished_run(tiny_run, tmp_path: Path):

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from foundry.checkpoint.writer import single_process_quiet
 from foundry.errors import CheckpointError
 
 MODEL_PREFIX = "model."
+
+log = logging.getLogger("foundry")
 
 
 def _verified(path: str | Path) -> Path:
@@ -43,20 +46,71 @@ def model_keys(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     }
 
 
+class _PartialModelState(ModelState):
+    """The model as DCP sees it, less some keys (those loaded another way)."""
+
+    def __init__(self, model, leave_out: set[str]):
+        super().__init__(model)
+        self.leave_out = leave_out
+
+    def state_dict(self):
+        return {k: v for k, v in super().state_dict().items() if k not in self.leave_out}
+
+    def load_state_dict(self, sd):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, sd, options=StateDictOptions(strict=False))
+
+
 def load_into(model: torch.nn.Module, path: str | Path) -> Path:
     """Read a checkpoint's model weights into `model` in place (collective under a process group).
 
     DCP plans the read from the model's own (sharded) state dict: each rank reads only the byte
     ranges of the shards it owns, so peak host memory is the rank's share, not the model. Optimizer
-    state in the checkpoint is not read. Names and shapes must match exactly.
+    state in the checkpoint is not read. Names and shapes must match exactly, with one exception: a
+    checkpoint whose embedding (and untied output head) has fewer rows than the model's grows into
+    it, the new rows (tokens added since, e.g. a chat template's) set to the mean of the old ones.
     """
+    from foundry.models.growth import can_grow, token_row_names
+
     path = _verified(path)
     expected = {k: tuple(v.shape) for k, v in ModelState(model).state_dict().items()}
-    stored = {k: tuple(shape) for k, (shape, _) in model_keys(path).items()}
-    _check_same(expected, stored, path)
+    stored_meta = model_keys(path)
+    stored = {k: tuple(shape) for k, (shape, _) in stored_meta.items()}
+    rows = token_row_names(model)
+    grow = {k for k in set(expected) & set(stored) if can_grow(k, stored[k], expected[k], rows)}
+    _check_same(
+        {k: v for k, v in expected.items() if k not in grow},
+        {k: v for k, v in stored.items() if k not in grow},
+        path,
+    )
     with single_process_quiet():
-        dcp.load({"model": ModelState(model)}, checkpoint_id=str(path))
+        dcp.load(
+            {"model": _PartialModelState(model, grow) if grow else ModelState(model)}, checkpoint_id=str(path)
+        )
+    for name in sorted(grow):
+        _load_grown(model, path, name, stored_meta[name], expected[name][0])
     return path
+
+
+def _load_grown(model: torch.nn.Module, path: Path, name: str, meta, rows: int) -> None:
+    """One token-row tensor, read whole by every rank (it is small next to the model), grown to `rows`."""
+    from foundry.models.build import assign_full, canonical_name
+    from foundry.models.growth import grown
+
+    shape, dtype = meta
+    old = {MODEL_PREFIX + name: torch.empty(shape, dtype=dtype)}
+    with single_process_quiet():
+        dcp.load(old, checkpoint_id=str(path), no_dist=True)
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
+    param = params[name]
+    assign_full(param, grown(old[MODEL_PREFIX + name], rows).to(param.dtype))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        log.info(
+            "load_path: %s grows from %d to %d rows (the tokenizer has more tokens than %s); the %d new rows "
+            "start at the mean of the old ones",
+            name, shape[0], rows, path, rows - shape[0],
+        )  # fmt: skip
 
 
 def _check_same(expected: dict, stored: dict, path: Path) -> None:

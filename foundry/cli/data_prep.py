@@ -279,6 +279,43 @@ app.command("sft")(data_prep_sft.sft_cmd)
 app.command("inspect")(data_prep_sft.inspect_cmd)
 
 
+@app.command("icl-stdlib")
+def icl_stdlib_cmd(
+    inputs: Inputs,
+    out: Out,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="A `data-prep text` output of the same files: split tasks into seen/heldout."
+        ),
+    ] = None,
+    exclude: Exclude = None,
+    max_examples: Annotated[int, typer.Option("--max-examples", help="Examples per task and split.")] = 500,
+    choices: Annotated[int, typer.Option("--choices", help="Names to choose from (chance = 1/choices).")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample and the distractors.")] = 0,
+    overwrite: Overwrite = False,
+) -> None:
+    """Make ICL tasks from Python sources: which function does this docstring describe? Writes JSONL in
+    llm-foundry's formats (multiple_choice, schema, generation_task_with_answers) for `foundry eval --tasks`.
+
+    Example: foundry data-prep icl-stdlib /usr/lib/python3.11 --exclude 'site-packages/*' --data data/demo/stdlib --out data/demo/icl
+    """
+    from foundry.data_prep.stdlib_icl import make_stdlib_tasks
+
+    counts = make_stdlib_tasks(
+        list(inputs),
+        out,
+        data=data,
+        exclude=tuple(exclude or ()),
+        max_examples=max_examples,
+        n_choices=choices,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    for name, n in counts.items():
+        typer.echo(f"{out / name}: {n:,} examples")
+
+
 def main() -> None:
     """`python -m foundry.cli.data_prep`: the same commands without the rest of the CLI."""
     import sys

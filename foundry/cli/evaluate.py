@@ -1,4 +1,4 @@
-"""`foundry eval`: the loss and perplexity of a checkpoint on held-out data."""
+"""`foundry eval`: held-out loss and perplexity, in-context-learning tasks, a gauntlet, lm-eval tasks."""
 
 from __future__ import annotations
 
@@ -20,19 +20,87 @@ def eval_cmd(
         None, "--config", help="A YAML whose data.eval_streams to use (default: the run's own)."
     ),
     max_batches: int = typer.Option(-1, help="Evaluate at most this many batches (-1: all)."),
+    tasks: Path = typer.Option(
+        None,
+        "--tasks",
+        help="ICL tasks YAML in llm-foundry's shape (icl_tasks: ..., optionally eval_gauntlet:).",
+    ),
+    gauntlet: Path = typer.Option(
+        None, "--gauntlet", help="A gauntlet YAML (eval_gauntlet: categories, benchmarks, random_baseline)."
+    ),
+    lm_eval_tasks: str = typer.Option(
+        None, "--lm-eval", help="lm-evaluation-harness task names, comma-separated (e.g. hellaswag,arc_easy)."
+    ),
+    include_path: Path = typer.Option(
+        None, "--include-path", help="A folder of lm-eval task YAMLs (local tasks)."
+    ),
+    num_fewshot: int = typer.Option(
+        None, "--num-fewshot", help="lm-eval: few-shot examples (default: the task's)."
+    ),
+    limit: int = typer.Option(None, "--limit", help="At most this many examples per task (a quick look)."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Rows per forward (default: device_eval_batch_size)."
+    ),
+    bootstrap_iters: int = typer.Option(100_000, help="lm-eval: bootstrap samples for standard errors."),
+    tokenizer: str = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder (default: the run's tokenizer.name)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", help="auto (amp_bf16 on CUDA, else fp32), fp32 or amp_bf16."),
+    out: Path = typer.Option(
+        Path("eval_results.json"), "--out", help="Where to write the results of --tasks / --lm-eval."
+    ),
+    samples: bool = typer.Option(False, "--samples", help="Also write each ICL example's scores to --out."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Evaluate a checkpoint: mean cross-entropy and perplexity on the eval streams.
+    """Evaluate a checkpoint. Without --tasks or --lm-eval: mean cross-entropy and perplexity on the eval
+    streams. With --tasks: in-context-learning tasks from local JSONL in llm-foundry's formats (multiple
+    choice, schema, language modeling, generation), a table per task and few-shot count, and with a
+    gauntlet the category scores. With --lm-eval: lm-evaluation-harness tasks run on foundry's own model.
+    Results go to eval_results.json (--out). Scores are defined in docs/eval.md.
 
     Examples:
 
       foundry eval runs/tiny-cpu
 
       foundry eval runs/tiny-cpu --config yamls/pretrain/tiny-cpu.yaml --max-batches 20 --json
+
+      foundry eval runs/tiny-cpu --tasks yamls/eval/stdlib-demo.yaml
+
+      foundry eval runs/mpt-1b --tasks tasks_v0.3.yaml --gauntlet eval_gauntlet_v0.3.yaml
+
+      foundry eval runs/tiny-cpu --lm-eval my_task --include-path my_lm_eval_tasks/ --limit 100
     """
+    if tasks is None and lm_eval_tasks is None:
+        if gauntlet is not None:
+            from foundry.errors import ConfigError
+
+            raise ConfigError("a gauntlet scores ICL tasks: pass --tasks TASKS.yaml with it", "--gauntlet")
+        _perplexity(run_or_checkpoint, config, list(overrides or []), max_batches, as_json)
+        return
+    _tasks(
+        run_or_checkpoint,
+        tasks,
+        gauntlet,
+        lm_eval_tasks,
+        include_path,
+        num_fewshot,
+        limit,
+        batch_size,
+        bootstrap_iters,
+        tokenizer,
+        device,
+        precision,
+        out,
+        samples,
+        as_json,
+    )
+
+
+def _perplexity(run_or_checkpoint, config, overrides, max_batches, as_json) -> None:
     from foundry.eval.perplexity import evaluate_checkpoint
 
-    result = evaluate_checkpoint(run_or_checkpoint, config, list(overrides or []), max_batches)
+    result = evaluate_checkpoint(run_or_checkpoint, config, overrides, max_batches)
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -40,3 +108,65 @@ def eval_cmd(
             f"{result['checkpoint']}: eval loss {result['eval_loss']:.4f}, perplexity {math.exp(result['eval_loss']):.2f} "
             f"over {result['eval_tokens']:,} tokens"
         )
+
+
+def _tasks(
+    run_or_checkpoint,
+    tasks,
+    gauntlet,
+    lm_eval_tasks,
+    include_path,
+    num_fewshot,
+    limit,
+    batch_size,
+    bootstrap_iters,
+    tokenizer,
+    device,
+    precision,
+    out,
+    samples,
+    as_json,
+) -> None:
+    from rich.console import Console
+
+    from foundry.eval.checkpoint_model import load_eval_model
+    from foundry.eval.results import gauntlet_table, icl_document, icl_table, lm_eval_document, write_json
+    from foundry.eval.suite import run_icl, run_lm_eval
+
+    if tasks is not None:  # read and check the tasks before loading weights
+        from foundry.config.icl import load_icl_file
+
+        load_icl_file(tasks, "--tasks")
+    em = load_eval_model(run_or_checkpoint, device=device, tokenizer=tokenizer, precision=precision)
+    rows = batch_size or em.config.device_eval_batch_size
+    console = Console(width=120) if not as_json else None
+    document: dict = {"checkpoint": str(em.checkpoint), "device": str(em.device), "precision": em.precision}
+    if tasks is not None:
+        results = run_icl(em, tasks, gauntlet, batch_size=rows, limit=limit, progress=not as_json)
+        document["icl"] = icl_document(results, samples=samples)
+        if console is not None:
+            console.print(icl_table(results))
+            if results.gauntlet is not None:
+                console.print(gauntlet_table(results.gauntlet))
+            console.print(f"{results.examples:,} examples in {results.seconds:.1f} s")
+    if lm_eval_tasks is not None:
+        from lm_eval.utils import make_table
+
+        names = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
+        raw = run_lm_eval(
+            em,
+            names,
+            include_path=include_path,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=rows,
+            bootstrap_iters=bootstrap_iters,
+        )
+        document["lm_eval"] = lm_eval_document(raw)
+        if console is not None:
+            console.print(make_table(raw), markup=False, highlight=False)
+    write_json(out, document)
+    if as_json:
+        typer.echo(json.dumps(document, default=str))
+    else:
+        typer.echo(f"wrote {out}")

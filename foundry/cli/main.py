@@ -6,12 +6,12 @@ import sys
 
 import typer
 
-from foundry.cli import convert, evaluate, jobs, migrate, plan, submit, train_cmds
+from foundry.cli import convert, evaluate, generate, jobs, migrate, plan, report, submit, train_cmds
 from foundry.cli.common import run_guarded
 
 app = typer.Typer(
     name="foundry",
-    help="Train MPT-style language models from one YAML: prepare data, plan, pretrain, evaluate, convert.",
+    help="Train MPT-style language models from one YAML: prepare data, plan, pretrain, finetune, evaluate, generate, convert.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -21,8 +21,10 @@ _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command("pretrain", context_settings=_EXTRA)(train_cmds.pretrain)
 app.command("finetune", context_settings=_EXTRA)(train_cmds.finetune)
 app.command("eval", context_settings=_EXTRA)(evaluate.eval_cmd)
+app.command("generate")(generate.generate)
 app.command("plan", context_settings=_EXTRA)(plan.plan)
 app.command("migrate")(migrate.migrate_cmd)
+app.command("report")(report.report_cmd)
 app.add_typer(convert.app, name="convert")
 app.command("submit", context_settings=_EXTRA)(submit.submit)
 app.command("jobs")(jobs.jobs_cmd)

@@ -9,7 +9,9 @@ same table when it starts.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from foundry.config.plan import RunPlan, make_plan
@@ -23,12 +25,41 @@ REPEAT_WARN_EPOCHS = 5.0
 
 
 @dataclass(frozen=True)
+class DatasetRow:
+    """One dataset of an SFT stream (`foundry data-prep sft` packs several into one train split)."""
+
+    name: str
+    tokens_in_source: int  # tokens of its training conversations (real tokens, no padding)
+    effective_tokens: int | None  # real tokens read in this phase: it is read as often as its stream
+    epochs: float | None
+
+
+@dataclass(frozen=True)
 class SourceRow:
     name: str
     tokens_in_source: int | None
     proportion: float | None
     effective_tokens: int | None
     epochs: float | None
+    datasets: tuple[DatasetRow, ...] = ()
+
+
+def _sft_datasets(stream, epochs: float | None) -> tuple[DatasetRow, ...]:
+    """The datasets packed into an SFT stream's train split, from the data-prep folder's manifest."""
+    if stream.split != "train" or not stream.local:
+        return ()
+    try:
+        manifest = json.loads((Path(stream.local) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    if not isinstance(manifest, dict) or manifest.get("kind") != "sft":
+        return ()
+    rows = []
+    for name, d in (manifest.get("datasets") or {}).items():
+        tokens = int(d.get("train_tokens", 0))
+        effective = None if epochs is None else int(round(tokens * epochs))
+        rows.append(DatasetRow(name, tokens, effective, epochs))
+    return tuple(rows)
 
 
 @dataclass(frozen=True)
@@ -57,7 +88,8 @@ def _phase_rows(cfg: TrainConfig, plan: RunPlan) -> list[PhaseRow]:
             size, share = sizes[name], shares[name]
             effective = None if share is None else int(round(share * phase.tokens))
             epochs = effective / size if effective is not None and size else None
-            sources.append(SourceRow(name, size, share, effective, epochs))
+            datasets = _sft_datasets(phase.data.streams[name], epochs)
+            sources.append(SourceRow(name, size, share, effective, epochs, datasets))
         given = [s.proportion for s in phase.data.streams.values() if s.proportion is not None]
         rows.append(
             PhaseRow(
@@ -93,6 +125,27 @@ def model_params(cfg: TrainConfig) -> int | None:
     return num_params(build_model(cfg.model, vocab_size=vocab, device="meta"))
 
 
+def _stream_json(s: SourceRow) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": s.name,
+        "tokens_in_source": s.tokens_in_source,
+        "proportion": s.proportion,
+        "effective_tokens": s.effective_tokens,
+        "epochs": s.epochs,
+    }
+    if s.datasets:  # an SFT stream: the datasets packed into it
+        out["datasets"] = [
+            {
+                "name": d.name,
+                "tokens_in_source": d.tokens_in_source,
+                "effective_tokens": d.effective_tokens,
+                "epochs": d.epochs,
+            }
+            for d in s.datasets
+        ]
+    return out
+
+
 def plan_json(cfg: TrainConfig) -> dict[str, Any]:
     """The plan as one JSON-ready object: proportions as fractions of 1, token counts as plain numbers."""
     return {
@@ -104,16 +157,7 @@ def plan_json(cfg: TrainConfig) -> dict[str, Any]:
                 "tokens": p.tokens,
                 "steps": p.steps,
                 "steps_per_epoch": p.steps_per_epoch,
-                "streams": [
-                    {
-                        "name": s.name,
-                        "tokens_in_source": s.tokens_in_source,
-                        "proportion": s.proportion,
-                        "effective_tokens": s.effective_tokens,
-                        "epochs": s.epochs,
-                    }
-                    for s in p.sources
-                ],
+                "streams": [_stream_json(s) for s in p.sources],
             }
             for p in plan_rows(cfg)
         ],
@@ -179,6 +223,14 @@ def _tables(cfg: TrainConfig) -> list[Any]:
                 human_tokens(s.effective_tokens),
                 Text(epochs, style=style),
             )
+            for d in s.datasets:  # an SFT stream's datasets: real tokens of their training conversations
+                table.add_row(
+                    Text(f"  {s.name}/{d.name}", style="dim"),
+                    Text(human_tokens(d.tokens_in_source), style="dim"),
+                    "",
+                    Text(human_tokens(d.effective_tokens), style="dim"),
+                    Text("?" if d.epochs is None else f"{d.epochs:.2f}", style="dim"),
+                )
         out.append(table)
     total_steps = sum(p.steps for p in phases)
     total_tokens = sum(p.tokens for p in phases)

@@ -52,10 +52,10 @@ def _announce(submitted, job_dir: Path, follow: str) -> None:
 
 def submit_training(config: Path, args: list[str], *, nodes: int, verb: str | None, cluster: str | None,
                     dry_run: bool, argv: list[str], **flags) -> None:  # fmt: skip
+    from foundry.checkpoint import storage as remote
     from foundry.config.load import load_config
     from foundry.launch.scheduler import get_scheduler
     from foundry.launch.submit import refuse_if_active, submit_jobs, train_job
-    from foundry.checkpoint import storage as remote
 
     if flags.get("tasks") is not None:
         raise ConfigError("--tasks splits data-prep inputs; a training run uses --nodes", "--tasks")

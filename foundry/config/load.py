@@ -272,7 +272,9 @@ def compose_dict(config_path: str | Path, overrides: list[str] = ()) -> dict[str
 
 
 def load_config(config_path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    cfg = from_dict(TrainConfig, compose_dict(config_path, overrides))
+    from foundry.config.sft_data import resolve_sft_folders
+
+    cfg = resolve_sft_folders(from_dict(TrainConfig, compose_dict(config_path, overrides)))
     cfg.validate()
     return cfg
 

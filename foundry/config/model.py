@@ -65,6 +65,9 @@ class ModelConfig:
     pad_vocab_size_multiple: int | None = None
     emb_pdrop: float = 0.0
     resid_pdrop: float = 0.0
+    # LIMA: layer l's residual dropout is resid_pdrop * l / (n_layers - 1), from 0 at the first layer to
+    # resid_pdrop at the last (foundry/models/dropout.py; Open-Assistant's SFT v10 stage 2: 0.25).
+    lima_dropout: bool = False
 
     @staticmethod
     def variant(data: dict, path: str = "model") -> type[ModelConfig]:

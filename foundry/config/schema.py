@@ -14,6 +14,7 @@ from typing import Any
 
 from foundry.config.checks import one_of, positive
 from foundry.config.duration import LENGTH_UNITS, Duration
+from foundry.config.icl import GauntletConfig, ICLTaskConfig, validate_icl_tasks
 from foundry.config.model import ModelConfig, MPTConfig
 from foundry.errors import ConfigError
 
@@ -24,9 +25,13 @@ SCHEDULERS = (
     "constant_with_warmup",
     "inv_sqrt_with_warmup",
 )
-PRECISIONS = ("auto", "fp32", "amp_bf16")
+PRECISIONS = ("auto", "fp32", "amp_bf16", "fp64")
 MIXED_PRECISIONS = ("PURE", "DEFAULT", "FULL")
 SHARDING = ("FULL_SHARD", "HYBRID_SHARD", "NO_SHARD")
+FP64_CPU_ONLY = (
+    "fp64 is a CPU reference mode (float64 weights and compute, for runs that must agree to rounding); "
+    "set device: cpu, or use amp_bf16 or fp32 on CUDA"
+)
 
 
 @dataclass
@@ -200,6 +205,10 @@ class TrainConfig:
     device_eval_batch_size: int = 1
     eval_interval: str | None = None
     eval_subset_num_batches: int = -1  # -1: the whole eval set
+    # In-context-learning tasks (llm-foundry's icl_tasks) run at every eval; see docs/eval.md.
+    icl_tasks: list[ICLTaskConfig] | None = None
+    icl_subset_num_batches: int = -1  # -1: every example of every task
+    eval_gauntlet: GauntletConfig | None = None
     save_folder: str | None = None  # None: runs/<run_name>
     save_interval: str = "1000ba"
     save_num_checkpoints_to_keep: int = -1  # -1: keep all
@@ -212,7 +221,9 @@ class TrainConfig:
     load_path: str | None = (
         None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
     )
-    precision: str = "auto"  # auto: amp_bf16 on CUDA, fp32 on CPU
+    # auto: amp_bf16 on CUDA, fp32 on CPU. fp64: float64 weights, optimizer state and compute, CPU only: a
+    # numerical reference (runs that must agree to rounding, e.g. 1 vs N ranks), ~1.5x slower than fp32.
+    precision: str = "auto"
     grad_clip_norm: float | None = 1.0
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
     log_interval: str = "1ba"
@@ -249,6 +260,8 @@ class TrainConfig:
             positive(micro, "device_train_microbatch_size")
         one_of(self.precision, PRECISIONS, "precision")
         one_of(self.device, ("auto", "cpu", "cuda"), "device")
+        if self.precision == "fp64" and self.device == "cuda":
+            raise ConfigError(FP64_CPU_ONLY, "precision")
         for key in ("save_interval", "log_interval") + (("eval_interval",) if self.eval_interval else ()):
             Duration.parse(getattr(self, key), key)
         if self.grad_clip_norm is not None:
@@ -258,6 +271,14 @@ class TrainConfig:
         self.scheduler.validate("scheduler")
         self.fsdp_config.validate("fsdp_config")
         self.data.validate("data")
+        if self.icl_tasks:
+            validate_icl_tasks(self.icl_tasks)
+            if not self.tokenizer.name:
+                raise ConfigError("icl_tasks need the run's tokenizer: set tokenizer.name", "tokenizer.name")
+        if self.eval_gauntlet is not None:
+            if not self.icl_tasks:
+                raise ConfigError("a gauntlet scores icl_tasks; add icl_tasks or remove it", "eval_gauntlet")
+            self.eval_gauntlet.validate("eval_gauntlet")
         if self.phases:
             if self.max_duration is not None:
                 raise ConfigError(

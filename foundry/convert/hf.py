@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from types import ModuleType
 
@@ -19,9 +20,11 @@ import torch
 from foundry.config.model import ModelConfig
 from foundry.convert.safetensors_io import SafetensorsFile
 from foundry.errors import FoundryError
-from foundry.models.build import build_model
+from foundry.models.build import assign_full, build_model
+from foundry.models.growth import can_grow, grown, token_row_names
 from foundry.models.mpt import hf as mpt_hf
 
+log = logging.getLogger("foundry")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 _WEIGHT_FILES = (
@@ -200,6 +203,7 @@ _TRAINING_ONLY = {
     "max_seq_len",
     "emb_pdrop",
     "resid_pdrop",
+    "lima_dropout",
     "init_config",
     "attn_impl",
     "attn_pdrop",
@@ -230,6 +234,7 @@ def load_hf_into(model: torch.nn.Module, hf_dir: str | Path) -> None:
     adapter = _adapter_for_type(raw.get("model_type"), str(path))
     _check_same_architecture(model.cfg, adapter.config_from_hf(raw, source=str(path)), path)
     index = _tensor_index(path)
+    token_rows = token_row_names(model)
     with _TensorReader(path) as reader:
         for name, tensor in _named_tensors(model):
             hf_name = adapter.hf_name(name)
@@ -239,6 +244,15 @@ def load_hf_into(model: torch.nn.Module, hf_dir: str | Path) -> None:
                 )
             full_shape = tuple(tensor.shape)
             stored = reader.shape(index[hf_name], hf_name)
+            if can_grow(name, stored, full_shape, token_rows):
+                # Fewer token rows than the run's vocabulary: read it whole and grow it (foundry/models/growth.py).
+                whole = reader.read(index[hf_name], hf_name, tuple(slice(0, n) for n in stored))
+                assign_full(tensor, grown(whole, full_shape[0]))
+                log.info(
+                    "load_path: %s grows from %d to %d rows; the new rows start at the mean of the old ones",
+                    hf_name, stored[0], full_shape[0],
+                )  # fmt: skip
+                continue
             if stored != full_shape:
                 raise FoundryError(
                     f"{path}: {hf_name} has shape {stored}, the run's model wants {full_shape} "

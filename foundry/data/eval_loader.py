@@ -11,8 +11,9 @@ import torch
 
 from foundry.config.schema import StreamConfig
 from foundry.data import mds
-from foundry.data.batches import rows_and_labels
-from foundry.data.geometry import check_window_split
+from foundry.data.batches import rows_and_labels, sft_rows
+from foundry.data.geometry import check_sft_seq_len, check_window_split
+from foundry.data.sft_format import is_sft_columns
 from foundry.data.streaming_compat import eval_shards
 from foundry.errors import ConfigError, DataError
 
@@ -34,6 +35,7 @@ class EvalLoader:
         window_len: int,
         seq_len: int,
         batch_rows: int,
+        sft: bool = False,
     ):
         self._sources = (
             sources  # (Streaming Stream, its shard reader, global index of the shard's first window)
@@ -43,11 +45,12 @@ class EvalLoader:
         self._seq_len = seq_len
         self._rows_per_window = window_len // seq_len if window_len else 0
         self._batch_rows = batch_rows
+        self._sft = sft  # SFT windows: one row each, with labels from the loss mask and seq_ids
 
     def __len__(self) -> int:
         return -(-self._count * self._rows_per_window // self._batch_rows)
 
-    def _windows(self) -> Iterator[np.ndarray]:
+    def _samples(self) -> Iterator[tuple[dict, str]]:
         end = self._start + self._count
         for stream, shard, first in self._sources:
             lo, hi = max(first, self._start), min(first + shard.samples, end)
@@ -55,9 +58,16 @@ class EvalLoader:
                 continue
             stream.prepare_shard(shard)  # downloads it if only remote; a no-op for local data
             for index in range(lo - first, hi - first):
-                yield mds.tokens_of(shard.get_item(index), str(stream.local))
+                yield shard.get_item(index), str(stream.local)
+
+    def _windows(self) -> Iterator[np.ndarray]:
+        for sample, where in self._samples():
+            yield mds.tokens_of(sample, where)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._sft:
+            yield from self._sft_batches()
+            return
         rows = torch.empty(0, self._seq_len, dtype=torch.long)
         pending: list[np.ndarray] = []
         for window in self._windows():
@@ -70,6 +80,16 @@ class EvalLoader:
                 rows = rows[full:]
         rows = torch.cat([rows, self._rows(pending)]) if pending else rows
         yield from self._batches(rows)
+
+    def _sft_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        pending: list[dict] = []
+        for sample, _ in self._samples():
+            pending.append(sample)
+            if len(pending) == self._batch_rows:
+                yield sft_rows(pending, mds.tokens_of)
+                pending = []
+        if pending:
+            yield sft_rows(pending, mds.tokens_of)
 
     def _rows(self, windows: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(windows).astype(np.int64, copy=False)).reshape(-1, self._seq_len)
@@ -90,6 +110,7 @@ def build_eval_loader(
     sources: list[tuple[Any, Any, int]] = []
     total = 0
     window_lens: dict[str, int] = {}
+    sft: dict[str, bool] = {}
     for name, cfg in streams.items():
         where = f"data.eval_streams.{name}"
         if cfg.proportion is not None or cfg.repeat is not None or cfg.choose is not None:
@@ -102,12 +123,17 @@ def build_eval_loader(
         first = next((s for s in shards if s.samples), None)
         if first is not None:
             stream.prepare_shard(first)
-            window_lens[name] = len(mds.tokens_of(first.get_item(0), where))
+            sample = first.get_item(0)
+            window_lens[name] = len(mds.tokens_of(sample, where))
+            sft[name] = is_sft_columns(sample)
     if len(set(window_lens.values())) > 1:
         listing = ", ".join(f"{n}: {w}" for n, w in window_lens.items())
         raise DataError(f"eval streams must share a window length, got {listing}")
     window = next(iter(window_lens.values()), 0)
-    if window:
+    is_sft = any(sft.values())
+    if window and is_sft:
+        check_sft_seq_len(window, seq_len, f"eval stream {', '.join(n for n, v in sft.items() if v)}")
+    elif window:
         check_window_split(window, seq_len, "the eval data")
     per_rank = total // world_size
-    return EvalLoader(sources, rank * per_rank, per_rank, window, seq_len, batch_rows)
+    return EvalLoader(sources, rank * per_rank, per_rank, window, seq_len, batch_rows, sft=is_sft)

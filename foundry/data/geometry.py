@@ -71,6 +71,16 @@ def check_window_split(window_len: int, seq_len: int, what: str = "the data") ->
         )
 
 
+def check_sft_seq_len(window_len: int, seq_len: int, what: str) -> None:
+    """SFT windows are trained whole: a row cut out of one would start inside a conversation."""
+    if seq_len != window_len:
+        raise DataError(
+            f"{what} holds SFT windows of {window_len} tokens, which are trained whole (a shorter row would "
+            f"start inside a conversation), but the sequence length is {seq_len}; set max_seq_len: {window_len} "
+            f"(or prepare the data with --seq-len {seq_len})"
+        )
+
+
 def step_shape(
     window_len: int, seq_len: int, global_rows: int, micro_rows: int, world_size: int
 ) -> StepShape:

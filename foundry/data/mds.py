@@ -72,6 +72,14 @@ def read_index(folder: Path) -> dict[str, Any] | None:
     return _read_json(folder / INDEX)
 
 
+def column_names(stream: StreamConfig) -> list[str] | None:
+    """The MDS columns of the stream's local data (index.json), or None if it is not on this machine."""
+    folder = stream_dir(stream)
+    index = read_index(folder) if folder is not None else None
+    shards = index.get("shards") if index is not None else None
+    return list(shards[0].get("column_names") or []) if shards else None
+
+
 def index_samples(index: dict[str, Any]) -> int:
     return sum(int(shard["samples"]) for shard in index.get("shards", []))
 

@@ -9,6 +9,7 @@ how many ranks read it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ import torch
 
 from foundry.config.schema import DataConfig, StreamConfig
 from foundry.data import mds
-from foundry.data.batches import rows_and_labels
-from foundry.data.geometry import StepShape, check_batch_split, step_shape
+from foundry.data.batches import rows_and_labels, sft_rows, split_rows
+from foundry.data.geometry import StepShape, check_batch_split, check_sft_seq_len, step_shape
 from foundry.data.mixture import normalized_proportions
+from foundry.data.sft_format import is_sft_columns
 from foundry.data.streaming_compat import open_dataset, release_shared_memory, shutdown, streaming_world
 from foundry.errors import ConfigError, DataError
 
@@ -90,14 +92,33 @@ def _epoch_size(
     return None if total % unit == 0 else total // unit * unit
 
 
-def collate_windows(samples: list[dict[str, Any]]) -> torch.Tensor:
-    """A batch of MDS samples -> LongTensor[windows, window_len] (runs in the loader's workers)."""
+def _sft_streams(
+    streams: dict[str, StreamConfig], dataset: StreamingDataset | None
+) -> dict[str, bool | None]:
+    """Which streams hold SFT windows (loss_mask and seq_ids columns): from index.json, else (given a
+    dataset) from a sample read through it; None where neither is at hand."""
+    found: dict[str, bool | None] = {}
+    for i, (name, stream) in enumerate(streams.items()):
+        columns = mds.column_names(stream)
+        if columns is None and dataset is not None:
+            columns = list(dataset.get_item(int(dataset.sample_offset_per_stream[i])))
+        found[name] = None if columns is None else is_sft_columns(columns)
+    return found
+
+
+def collate_windows(
+    samples: list[dict[str, Any]], sft: bool = False
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A batch of MDS samples -> LongTensor[windows, window_len], or with `sft` the batch of those windows
+    with labels from their loss masks, seq_ids and position_ids (runs in the loader's workers)."""
     arrays = [mds.tokens_of(s) for s in samples]
     lengths = {len(a) for a in arrays}
     if len(lengths) > 1:
         raise DataError(
             f"windows of different lengths {sorted(lengths)} in one batch; the data is not fixed-window MDS"
         )
+    if sft:
+        return sft_rows(samples, mds.tokens_of)
     return torch.from_numpy(np.stack(arrays).astype(np.int64, copy=False))
 
 
@@ -115,8 +136,10 @@ class PhaseLoader:
         canonical_nodes: int,
         physical_nodes: int,
         ranks_per_node: int,
+        sft: bool = False,
     ):
         self.shape = shape
+        self.sft = sft  # SFT windows: one row each, labels from the loss mask, seq_ids and positions
         self.phase_index = phase_index
         self._dataset = dataset
         self._stream_names = list(data.streams)
@@ -129,7 +152,7 @@ class PhaseLoader:
             dataset,
             batch_size=shape.windows_per_rank,
             num_workers=workers,
-            collate_fn=collate_windows,
+            collate_fn=functools.partial(collate_windows, sft=sft),
             drop_last=True,  # an epoch's last, partial step is skipped on every rank alike
             persistent_workers=workers > 0,
             prefetch_factor=data.prefetch_factor if workers > 0 else None,
@@ -144,7 +167,7 @@ class PhaseLoader:
     def window_len(self) -> int:
         return self.shape.window_len
 
-    def _next_windows(self) -> torch.Tensor:
+    def _next_windows(self) -> torch.Tensor | dict[str, torch.Tensor]:
         fresh = False
         while True:
             if self._iter is None:
@@ -171,9 +194,13 @@ class PhaseLoader:
         """The micro-batches of one optimizer step on this rank."""
         if self._closed:
             raise RuntimeError("PhaseLoader.next_step() after close()")
-        rows, labels = rows_and_labels(self._next_windows(), self.shape.seq_len)
-        m = self.shape.micro_rows
-        return [{"input_ids": r, "labels": y} for r, y in zip(rows.split(m), labels.split(m), strict=True)]
+        windows = self._next_windows()
+        if self.sft:
+            batch = windows
+        else:
+            rows, labels = rows_and_labels(windows, self.shape.seq_len)
+            batch = {"input_ids": rows, "labels": labels}
+        return split_rows(batch, self.shape.micro_rows)
 
     def state_dict(self) -> dict[str, Any]:
         """Where this phase's data stands, between steps; JSON-serializable."""
@@ -285,14 +312,24 @@ def build_phase_loader(
     with streaming_world(rank, world_size) as (physical_nodes, ranks_per_node):
         leader = rank % ranks_per_node == 0
         lengths, sizes = _window_lens(data.streams, None), _local_sizes(data.streams)
-        if None in lengths.values() or None in sizes:
+        sft = _sft_streams(data.streams, None)
+        if None in lengths.values() or None in sizes or None in sft.values():
             # Not all on this machine yet: let Streaming fetch the indexes and first shards, then start over.
             probe = open_dataset(data, shuffle_seed, canonical_nodes, leader)
             try:
                 lengths, sizes = _window_lens(data.streams, probe), [int(n) for n in probe.samples_per_stream]
+                sft = _sft_streams(data.streams, probe)
             finally:
                 release_shared_memory(probe, alone_on_node=ranks_per_node == 1)
-        shape = step_shape(_one_window_len(lengths), seq_len, global_batch_rows, micro_batch_rows, world_size)
+        window_len = _one_window_len(lengths)
+        is_sft = any(sft.values())
+        if is_sft:
+            check_sft_seq_len(
+                window_len, seq_len, f"the data of streams {', '.join(n for n, v in sft.items() if v)}"
+            )
+            if rank == 0:
+                _log_packing(data.streams, sft)
+        shape = step_shape(window_len, seq_len, global_batch_rows, micro_batch_rows, world_size)
         epoch_size = _epoch_size(data.streams, sizes, shape, canonical_nodes)
         dataset = open_dataset(data, shuffle_seed, canonical_nodes, leader, epoch_size)
     if dataset.epoch_size < shape.global_windows:
@@ -313,4 +350,23 @@ def build_phase_loader(
         canonical_nodes=canonical_nodes,
         physical_nodes=physical_nodes,
         ranks_per_node=ranks_per_node,
+        sft=is_sft,
     )
+
+
+def _log_packing(streams: dict[str, StreamConfig], sft: dict[str, bool | None]) -> None:
+    """What data-prep recorded about each SFT stream: conversations, windows and packing efficiency."""
+    for name, stream in streams.items():
+        manifest = mds.read_manifest(stream) if sft[name] else None
+        if manifest is None or "packing_efficiency" not in manifest:
+            continue
+        log.info(
+            "SFT stream %s: %s conversations in %s windows of %s tokens, %s; packing efficiency %.1f%% "
+            "(real tokens / slots)",
+            name,
+            manifest.get("documents", "?"),
+            manifest.get("windows", "?"),
+            manifest.get("window_len", "?"),
+            "packed" if manifest.get("packed") else "one per window",
+            100 * float(manifest["packing_efficiency"]),
+        )

@@ -10,7 +10,7 @@ import torch
 from foundry.config.schema import StreamConfig
 from foundry.errors import ConfigError
 from foundry.runtime import dist as fdist
-from foundry.runtime.precision import autocast_for, resolve_precision
+from foundry.runtime.precision import autocast_for, param_dtype, resolve_precision
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def summed_loss(model, batches, *, device: torch.device, precision: str, max_bat
 
     Sums, not a mean, so ranks (and callers) combine them exactly.
     """
-    from foundry.data.batches import IGNORE_INDEX
+    from foundry.data.batches import IGNORE_INDEX, model_inputs
 
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -30,7 +30,7 @@ def summed_loss(model, batches, *, device: torch.device, precision: str, max_bat
         labels = batch["labels"].to(device)
         n = (labels != IGNORE_INDEX).sum()
         with autocast_for(precision, device):
-            loss = model(batch["input_ids"].to(device), labels=labels)
+            loss = model(**model_inputs(batch, device), labels=labels)
         loss_sum += loss.double() * n
         count += n
     return loss_sum, count
@@ -100,7 +100,8 @@ def evaluate_checkpoint(
             "no eval streams: set data.eval_streams in the run's YAML or pass --config", "data.eval_streams"
         )
     device = torch.device(fdist.resolve_device(data_cfg.device))
-    model = build_from_state(run_cfg.model, load_model_weights(path), device)
+    precision = resolve_precision(data_cfg.precision, device)
+    model = build_from_state(run_cfg.model, load_model_weights(path), device, param_dtype(precision))
     env = fdist.DistEnv(0, 1, 0, device)
     losses = eval_losses(
         model,
@@ -108,7 +109,7 @@ def evaluate_checkpoint(
         seq_len=phase.seq_len,
         batch_rows=data_cfg.device_eval_batch_size,
         env=env,
-        precision=resolve_precision(data_cfg.precision, device),
+        precision=precision,
         max_batches=max_batches,
     )
     if "eval_loss" not in losses:

@@ -5,9 +5,14 @@
 - ``flash``: flash-attn 2 with ``alibi_slopes`` (optional package).
 - ``auto``: flex on CUDA, torch elsewhere.
 
+Packed sequences (a batch's ``seq_ids``, foundry/data/batches.py): a token attends only to the earlier
+tokens of its own sequence, a padding token only to itself. flex builds one document BlockMask per
+batch (shared by every layer), torch masks its bias; flash refuses them. Generation with a KV cache
+(foundry/models/kv_cache.py) always runs the torch path: each step has a new key length.
+
 ALiBi follows MPT (and HF's ``build_mpt_alibi_tensor``): head h adds ``slope_h * (key_pos - query_pos)`` to the
 scores. HF adds ``slope_h * (key_pos - last_pos)`` instead; the two differ by a constant per query row, which
-softmax ignores. Without slopes (an MPT with learned positional embeddings) attention is plain causal.
+softmax ignores.
 """
 
 from __future__ import annotations
@@ -43,6 +48,25 @@ def alibi_causal_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
     distance = (pos[None, :] - pos[:, None]).float()  # key - query
     bias = slopes[:, None, None] * distance
     return bias.masked_fill(distance > 0, float("-inf"))[None]
+
+
+def alibi_bias(slopes: torch.Tensor, q_len: int, kv_len: int, q_offset: int) -> torch.Tensor:
+    """Additive bias [1, H, q_len, kv_len] (fp32) for queries at positions q_offset.. over keys 0..kv_len-1
+    (generation with a KV cache): ALiBi where the key is not after the query, -inf where it is."""
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=slopes.device)
+    k_pos = torch.arange(kv_len, device=slopes.device)
+    distance = (k_pos[None, :] - q_pos[:, None]).float()
+    bias = slopes[:, None, None] * distance
+    return bias.masked_fill(distance > 0, float("-inf"))[None]
+
+
+def same_sequence(seq_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S, S] bool: may query i attend to key j as far as packing goes (same sequence, or i == j)?
+
+    Causality is not in it. A padding token (seq id < 0) attends only to itself, so that no row of
+    the softmax is empty."""
+    same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, :, None] >= 0)
+    return same | torch.eye(seq_ids.shape[1], dtype=torch.bool, device=seq_ids.device)
 
 
 def flash_available() -> bool:
@@ -94,6 +118,28 @@ def causal_block_mask(seq_len: int, device: torch.device):
     return create_block_mask(_causal, None, None, seq_len, seq_len, device=device)
 
 
+def document_mask_mod(seq_ids: torch.Tensor):
+    """A flex mask_mod: causal, within one sequence of the row; a padding token sees only itself."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_seq = seq_ids[b, q_idx]
+        same = (q_seq == seq_ids[b, kv_idx]) & (q_seq >= 0)
+        return ((q_idx >= kv_idx) & same) | (q_idx == kv_idx)
+
+    return mask_mod
+
+
+def document_block_mask(seq_ids: torch.Tensor):
+    """One BlockMask for a batch of packed rows ([B, S] seq_ids), shared by every layer of a forward."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, seq_len = seq_ids.shape
+    return create_block_mask(
+        document_mask_mod(seq_ids), batch, None, seq_len, seq_len, device=seq_ids.device,
+        _compile=seq_ids.device.type == "cuda",  # evaluates the mask blockwise, never [B, S, S] at once
+    )  # fmt: skip
+
+
 def _alibi_score_mod(slopes: torch.Tensor):
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx)
@@ -109,40 +155,58 @@ class AttentionPlan:
     """
 
     impl: str
-    slopes: torch.Tensor | None  # [H] fp32; None: no ALiBi (plain causal attention)
+    slopes: torch.Tensor  # [H] fp32
     block_mask: object | None = None  # flex: causal BlockMask
     flex_fn: object | None = None  # flex: the compiled kernel
-    bias: torch.Tensor | None = None  # torch: [1, H, S, S] ALiBi + causal -inf; None: SDPA's is_causal
+    bias: torch.Tensor | None = None  # torch: [1, H, S, S] ALiBi + causal -inf
     kernel_options: dict | None = (
         None  # flex: FlexAttention kernel options (CAUSAL_FLEX_OPTIONS + the caller's)
     )
+    cache: object | None = None  # generation: the KVCache each layer appends its keys/values to
 
 
 def plan_attention(
     impl: str,
-    slopes: torch.Tensor | None,
+    slopes: torch.Tensor,
     seq_len: int,
     dtype: torch.dtype,
     block_masks: dict,
     kernel_options: dict | None = None,
-    device: torch.device | None = None,
+    *,
+    seq_ids: torch.Tensor | None = None,
+    cache=None,
 ) -> AttentionPlan:
     """The plan for one forward. ``dtype``: the attention inputs' dtype (the autocast dtype under autocast).
 
-    ``block_masks`` caches flex BlockMasks by (seq_len, device) across calls. ``slopes`` None: no ALiBi
-    (then ``device`` says where the mask lives).
+    ``block_masks`` caches causal flex BlockMasks by (seq_len, device) across calls. ``seq_ids`` [B, S]:
+    packed sequences (a document mask, built here once per forward). ``cache``: a KVCache holding
+    ``cache.length`` earlier positions (generation; the torch path, whatever ``impl``).
     """
+    if cache is not None:
+        past = cache.length
+        bias = alibi_bias(slopes, seq_len, past + seq_len, past)
+        return AttentionPlan(impl="torch", slopes=slopes, bias=bias.to(dtype), cache=cache)
     plan = AttentionPlan(impl=impl, slopes=slopes)
-    device = slopes.device if slopes is not None else torch.device(device or "cpu")
     if impl == "flex":
-        key = (seq_len, str(device))
-        if key not in block_masks:
-            block_masks[key] = causal_block_mask(seq_len, device)
-        plan.block_mask = block_masks[key]
+        if seq_ids is None:
+            key = (seq_len, str(slopes.device))
+            if key not in block_masks:
+                block_masks[key] = causal_block_mask(seq_len, slopes.device)
+            plan.block_mask = block_masks[key]
+        else:
+            plan.block_mask = document_block_mask(seq_ids)
         plan.flex_fn = _compiled_flex_attention()
         plan.kernel_options = {**CAUSAL_FLEX_OPTIONS, **(kernel_options or {})}
-    elif impl == "torch" and slopes is not None:
-        plan.bias = alibi_causal_bias(slopes, seq_len).to(dtype)  # SDPA wants the bias in the query's dtype
+    elif impl == "torch":
+        bias = alibi_causal_bias(slopes, seq_len)
+        if seq_ids is not None:
+            bias = bias.masked_fill(~same_sequence(seq_ids)[:, None], float("-inf"))  # [B, H, S, S]
+        plan.bias = bias.to(dtype)  # SDPA wants the bias in the query's dtype
+    elif seq_ids is not None:
+        raise FoundryError(
+            "attn_impl=flash cannot keep packed sequences apart (the batch has seq_ids); "
+            "use attn_impl: flex (the default on GPUs) or torch"
+        )
     return plan
 
 
@@ -167,14 +231,11 @@ def attend(
             q,
             k,
             v,
-            score_mod=_alibi_score_mod(plan.slopes) if plan.slopes is not None else None,
+            score_mod=_alibi_score_mod(plan.slopes),
             block_mask=plan.block_mask,
             scale=scale,
             kernel_options=plan.kernel_options,
         )
     else:
-        causal = plan.bias is None  # no ALiBi: SDPA's own causal mask (its flash/efficient kernels)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale, is_causal=causal
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias, dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)

@@ -78,10 +78,15 @@ def embedding_name(cfg: ModelConfig) -> str:
     return next(canonical_name(n) for n, p in model.named_parameters() if p is weight)
 
 
-def build_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
-    """A model of `cfg` holding the full state dict `state` (its vocabulary read off the embedding)."""
+def build_from_state(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """A model of `cfg` in `dtype` holding the full state dict `state` (its vocabulary read off the embedding)."""
     rows = state[embedding_name(cfg)].shape[0]
-    model = build_model(dataclasses.replace(cfg, vocab_size=rows), device=device)
+    model = build_model(dataclasses.replace(cfg, vocab_size=rows), device=device).to(dtype)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -160,6 +165,11 @@ def _local_device(param: torch.Tensor) -> torch.device:
     from torch.distributed.tensor import DTensor
 
     return param.to_local().device if isinstance(param, DTensor) else param.device
+
+
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (global-shape) tensor into `param`, which may be an FSDP2 shard: each rank keeps its slice."""
+    _assign(param, full.to(device=_local_device(param), dtype=param.dtype))
 
 
 @torch.no_grad()

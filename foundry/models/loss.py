@@ -19,11 +19,13 @@ from foundry.data.batches import IGNORE_INDEX
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labels != -100, in fp32 (bf16 log-softmax over 50k classes loses digits).
+    """Mean cross-entropy over labels != -100, in fp32 at least (bf16 log-softmax over 50k classes loses
+    digits; fp64 logits of a `precision: fp64` run stay fp64).
 
     A batch whose labels are all ignored gives 0, not NaN, so an all-padding microbatch cannot poison a step.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    logits = logits.reshape(-1, logits.shape[-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     labels = labels.reshape(-1)
     total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -140,8 +140,9 @@ def build_parallel_model(
     """The one way a model is made for training (trainer and benchmarks alike): built on the meta device,
     parallelized, materialized on the device, initialized. Returns (model, parameter count)."""
     from foundry.models.build import build_model, init_weights, num_params
+    from foundry.runtime.precision import param_dtype
 
-    model = build_model(model_cfg, vocab_size=vocab_size, device="meta")
+    model = build_model(model_cfg, vocab_size=vocab_size, device="meta").to(param_dtype(precision))
     n_params = num_params(model)
     model = parallelize(model, env, fsdp, precision, compile)
     model.to_empty(device=env.device)

@@ -25,13 +25,14 @@ from foundry.config.schema import TrainConfig
 from foundry.data.fingerprint import check_data_unchanged, data_fingerprint
 from foundry.data.mixture import epoch_tokens
 from foundry.data.tokenizer import resolve_vocab_size
-from foundry.errors import FoundryError
+from foundry.errors import ConfigError, FoundryError
 from foundry.runtime import dist as fdist
 from foundry.runtime.precision import resolve_precision
 from foundry.runtime.preemption import Preemption
 from foundry.train.callbacks import Callback, CallbackList, StepOutcome, load_callback
 from foundry.train.callbacks.checkpointing import Checkpointing
 from foundry.train.callbacks.evaluation import Evaluation
+from foundry.train.callbacks.icl import ICLEvaluation
 from foundry.train.callbacks.logging import Logging
 from foundry.train.callbacks.throughput import Throughput
 from foundry.train.microbatch import AUTO, find_micro_batch
@@ -106,6 +107,7 @@ class Trainer:
             cfg.compile if cfg.compile is not None else self.env.device.type == "cuda",
             cfg.seed,
         )
+        _check_sft_vocabulary(self.plan, self.model.get_input_embeddings().weight.shape[0])
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         first = self.plan.phases[0]
         self.scheduler = build_scheduler(
@@ -132,7 +134,8 @@ class Trainer:
         }
         self.preemption = Preemption(cfg.save_grace_period_s)
         self.callbacks = CallbackList(
-            [Throughput(), Logging(), Evaluation(), Checkpointing(), *_user_callbacks(cfg)]
+            [Throughput(), Logging(), Evaluation(), *([ICLEvaluation()] if cfg.icl_tasks else [])]
+            + [Checkpointing(), *_user_callbacks(cfg)]
         )
         self.state = TrainState()
         self.summary = Summary()
@@ -335,6 +338,26 @@ class Trainer:
                 f"stopping. The last good checkpoint is in {self.checkpointer.root}; lower optimizer.lr or check "
                 "the data."
             )
+
+
+def _check_sft_vocabulary(plan: RunPlan, rows: int) -> None:
+    """SFT data made with added special tokens needs a model (and tokenizer) that has them."""
+    from foundry.data import mds
+
+    for phase in plan.phases:
+        for name, stream in phase.data.streams.items():
+            manifest = mds.read_manifest(stream) or {}
+            tokenizer = manifest.get("tokenizer") if manifest.get("kind") == "sft" else None
+            if not isinstance(tokenizer, dict) or not tokenizer.get("vocab_size"):
+                continue
+            if tokenizer["vocab_size"] > rows:
+                raise ConfigError(
+                    f"data.streams.{name} was prepared with a {tokenizer['vocab_size']}-token tokenizer "
+                    f"(special tokens {tokenizer.get('added_tokens') or []} added), but the model has {rows} "
+                    f"embedding rows; set tokenizer.name to the data's tokenizer ({stream.local}/tokenizer) "
+                    "and model.vocab_size: null (or a size that holds it)",
+                    "tokenizer.name",
+                )
 
 
 def _user_callbacks(cfg: TrainConfig) -> list[Callback]:

@@ -19,6 +19,8 @@ from torch import nn
 from foundry.config.model import MPTConfig
 from foundry.errors import ConfigError, FoundryError
 from foundry.models.attention import AttentionPlan, alibi_slopes, attend, plan_attention, resolve_attn_impl
+from foundry.models.dropout import residual_dropout
+from foundry.models.kv_cache import KVCache
 from foundry.models.loss import lm_loss
 from foundry.models.norm import build_norm
 
@@ -32,8 +34,9 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 class MPTAttention(nn.Module):
-    def __init__(self, cfg: MPTConfig):
+    def __init__(self, cfg: MPTConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer  # its slot in a KV cache
         attn = cfg.attn_config
         d = cfg.d_model
         self.n_heads = cfg.n_heads
@@ -56,6 +59,8 @@ class MPTAttention(nn.Module):
         if self.qk_ln:
             q, k = self.q_ln(q).to(q.dtype), self.k_ln(k).to(k.dtype)
         q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)) for t in (q, k, v))
+        if plan.cache is not None:
+            k, v = plan.cache.append(self.layer, k, v)
         out = attend(q, k, v, plan, self.softmax_scale, self.attn_pdrop if self.training else 0.0)
         return self.out_proj(out.flatten(-2))
 
@@ -73,17 +78,18 @@ class MPTMLP(nn.Module):
 
 
 class MPTBlock(nn.Module):
-    def __init__(self, cfg: MPTConfig):
+    def __init__(self, cfg: MPTConfig, layer: int = 0):
         super().__init__()
         norm = dict(
             norm_type=cfg.norm_type, dim=cfg.d_model, eps=cfg.layer_norm_epsilon, bias=not cfg.no_bias
         )
         self.norm_1 = build_norm(**norm)
-        self.attn = MPTAttention(cfg)
+        self.attn = MPTAttention(cfg, layer)
         self.norm_2 = build_norm(**norm)
         self.ffn = MPTMLP(cfg)
-        self.resid_attn_dropout = nn.Dropout(cfg.resid_pdrop)
-        self.resid_ffn_dropout = nn.Dropout(cfg.resid_pdrop)
+        p = residual_dropout(cfg, layer)
+        self.resid_attn_dropout = nn.Dropout(p)
+        self.resid_ffn_dropout = nn.Dropout(p)
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), plan))
@@ -99,13 +105,16 @@ class MPTModel(nn.Module):
         if cfg.learned_pos_emb:
             self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
-        self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(MPTBlock(cfg, layer) for layer in range(cfg.n_layers))
         self.norm_f = build_norm(cfg.norm_type, cfg.d_model, cfg.layer_norm_epsilon, bias=not cfg.no_bias)
 
-    def forward(self, input_ids: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, plan: AttentionPlan, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``positions`` ([S] or [B, S]): what the learned positional embeddings look up (if the model has them)."""
         x = self.wte(input_ids)
         if hasattr(self, "wpe"):
-            x = x + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
+            x = x + self.wpe(positions)
         x = self.emb_drop(x)
         for block in self.blocks:
             x = block(x, plan)
@@ -150,12 +159,29 @@ class MPTForCausalLM(nn.Module):
             return torch.get_autocast_dtype(weight.device.type)
         return weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, S, V]; with ``labels`` (aligned targets, -100 = ignore) the mean loss instead."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        seq_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, S, V]; with ``labels`` (aligned targets, -100 = ignore) the mean loss instead.
+
+        ``seq_ids`` [B, S]: packed sequences, kept apart (foundry/data/batches.py). ``position_ids``
+        [B, S]: what learned positional embeddings look up (as llm-foundry's MPT does when given them;
+        default: 0.. S-1 after the cache's positions); ALiBi does not need them, it sees only the distance
+        between two tokens, the same within a sequence whether positions restart or not. ``cache``: a
+        KVCache of earlier positions (generation); this forward's keys/values are appended to it.
+        """
         seq_len = input_ids.shape[1]
-        if seq_len > self.cfg.max_seq_len:
+        past = cache.length if cache is not None else 0
+        total = seq_len + past
+        if total > self.cfg.max_seq_len:
             raise FoundryError(
-                f"sequence length {seq_len} exceeds model.max_seq_len {self.cfg.max_seq_len}; "
+                f"sequence length {total} exceeds model.max_seq_len {self.cfg.max_seq_len}; "
                 + (
                     "a model with learned positional embeddings has no positions beyond it"
                     if self.cfg.learned_pos_emb
@@ -163,10 +189,16 @@ class MPTForCausalLM(nn.Module):
                 )
             )
         device = input_ids.device
+        positions = None
+        if self.cfg.learned_pos_emb:
+            positions = position_ids if position_ids is not None else torch.arange(past, total, device=device)
         slopes = self._slopes.get(device)
-        if slopes is None and self.cfg.attn_config.alibi:  # a few tiny kernels; once per device
-            slopes = self._slopes[device] = alibi_slopes(
-                self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device
+        if slopes is None:  # a few tiny kernels; once per device, not once per forward
+            # Without ALiBi (learned positions) the slopes are zeros: the same kernels, a zero bias.
+            slopes = self._slopes[device] = (
+                alibi_slopes(self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device)
+                if self.cfg.attn_config.alibi
+                else torch.zeros(self.cfg.n_heads, device=device)
             )
         plan = plan_attention(
             self.attn_impl(device),
@@ -175,9 +207,12 @@ class MPTForCausalLM(nn.Module):
             self._compute_dtype(),
             self._block_masks,
             kernel_options=self.flex_kernel_options,
-            device=device,
+            seq_ids=seq_ids,
+            cache=cache,
         )
-        hidden = self.transformer(input_ids, plan)
+        hidden = self.transformer(input_ids, plan, positions)
+        if cache is not None:
+            cache.advance(seq_len)
         lm_weight = self.transformer.wte.weight  # tied output matrix, as in MPT
         if labels is not None:
             # The fused loss pays off where its per-chunk kernel is compiled (CUDA); on a CPU the plain

@@ -1,0 +1,1 @@
+"""`foundry report`: pictures of runs, drawn from their metrics.jsonl."""
