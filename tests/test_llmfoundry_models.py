@@ -230,3 +230,24 @@ def test_to_hf_refuses_what_transformers_mpt_cannot_compute(tmp_path):
     with pytest.raises(FoundryError, match="learned positional") as info:
         export_hf(model.state_dict(), cfg, VOCAB, tmp_path / "hf")
     assert "biases" in str(info.value) and "always applies ALiBi" in str(info.value)
+
+
+def test_learned_positions_with_a_kv_cache_and_packed_positions():
+    """Generation with a cache looks up the positions after the cached ones; given position_ids (packed
+    rows restarting at 0) are what the embedding reads, as llm-foundry's MPT does."""
+    from foundry.models.kv_cache import KVCache
+
+    cfg = lf_default_cfg()
+    model = build_from_state(cfg, perturbed(build_model(cfg, seed=0), 4)).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(cfg.n_layers, 12)
+        steps = [model(ids[:, :8], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(8, 12)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
+    two = torch.cat([ids[:, :6], ids[:, :6]], dim=1)  # two packed copies of one sequence
+    seq_ids = torch.tensor([[0] * 6 + [1] * 6])
+    position_ids = torch.tensor([list(range(6)) * 2])
+    with torch.no_grad():
+        packed = model(two, seq_ids=seq_ids, position_ids=position_ids)
+    assert (packed[:, 6:] - packed[:, :6]).abs().max() < 1e-4 and (packed[:, :6] - full[:, :6]).abs().max() < 1e-4
