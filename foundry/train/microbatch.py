@@ -4,7 +4,9 @@ Composer finds it by catching out-of-memory errors during training and halving. 
 per phase before the first step: each divisor of the rank's rows per step, largest first, gets one
 forward and backward at the phase's sequence length with the optimizer's state already accounted for
 (a placeholder of its size is held while probing, since the state only appears at the first step).
-Every rank probes the same sizes and they agree after each try, so all ranks pick the same size.
+Every rank probes the same sizes and they agree after each try, so all ranks pick the same size (an
+out-of-memory on one rank only, in the middle of a sharded forward, would leave the others waiting in a
+collective until dist_timeout_s: ranks of one job have the same memory, so this is not expected).
 The first size that fits on every rank wins. Results do not depend on the choice: the step's loss
 and gradient are means over all target tokens, whatever the split into micro-batches.
 
