@@ -97,7 +97,7 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(dist_config, dis
     run = _copy_run(dist_one_rank, tmp_path / "run")
     for path in ckpt.list_complete(run / "checkpoints"):
         _flipped(path)
-    with pytest.raises(FoundryError, match="none of the checkpoints .* could be loaded"):
+    with pytest.raises(FoundryError, match="none of the checkpoints .* can be used"):
         train(load_config(dist_config, [f"save_folder={run}"]))
 
 

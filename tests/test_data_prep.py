@@ -246,6 +246,7 @@ def test_bad_inputs_are_counted_by_reason(tmp_path, tok_dir, hf_tok):
     )
     assert result.manifest["skipped"] == {
         "invalid_utf8": 2,
+        "binary": 0,
         "empty": 3,
         "bad_json": 2,
         "missing_field": 1,

@@ -243,11 +243,15 @@ def test_learned_positions_with_a_kv_cache_and_packed_positions():
     with torch.no_grad():
         full = model(ids)
         cache = KVCache(cfg.n_layers, 12)
-        steps = [model(ids[:, :8], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in range(8, 12)]
+        steps = [model(ids[:, :8], cache=cache)] + [
+            model(ids[:, i : i + 1], cache=cache) for i in range(8, 12)
+        ]
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
     two = torch.cat([ids[:, :6], ids[:, :6]], dim=1)  # two packed copies of one sequence
     seq_ids = torch.tensor([[0] * 6 + [1] * 6])
     position_ids = torch.tensor([list(range(6)) * 2])
     with torch.no_grad():
         packed = model(two, seq_ids=seq_ids, position_ids=position_ids)
-    assert (packed[:, 6:] - packed[:, :6]).abs().max() < 1e-4 and (packed[:, :6] - full[:, :6]).abs().max() < 1e-4
+    assert (packed[:, 6:] - packed[:, :6]).abs().max() < 1e-4 and (
+        packed[:, :6] - full[:, :6]
+    ).abs().max() < 1e-4

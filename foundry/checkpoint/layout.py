@@ -1,14 +1,18 @@
 """The on-disk format of a checkpoint, and how a complete one is told from a damaged one.
 
 Layout: ``<run_dir>/checkpoints/step-00000123/`` holds DCP's ``.metadata`` and ``*.distcp`` files,
-``trainer_state.pt`` (counters, scheduler, data-loader position, data fingerprint), one ``rng-<rank>.pt``
-per rank, ``foundry_config.yaml`` and the completion marker ``COMPLETE``.
+``trainer_state.json`` (counters, scheduler, data-loader position, fingerprints of the data and of the
+settings that define the run), one ``rng-<rank>.json`` per rank, ``foundry_config.yaml`` and the
+completion marker ``COMPLETE``. (Checkpoints of older versions hold ``trainer_state.pt`` and
+``rng-<rank>.pt``; they are read without unpickling code: foundry/checkpoint/safe_read.py.)
 
 A checkpoint is written as ``step-N.tmp/``; every rank makes its own files durable (DCP fsyncs them)
-and records their sizes and CRC32s; only when every rank has reported does rank 0 fsync, rename the
-folder to ``step-N/`` and write the marker, which lists every file with its size and checksum. So a
-folder with a marker was complete on disk before the marker existed, a truncated file is noticed by
-its size, and a corrupted one by its checksum before a resume trusts it.
+and records their sizes and CRC32s; only when every rank has reported does rank 0 write the marker,
+which lists every file with its size and checksum, fsync the folder and rename it to ``step-N/``. So a
+``step-N/`` folder has its marker from the moment it exists, a truncated file is noticed by its size,
+and a corrupted one by its checksum before a resume trusts it. A ``step-N/`` that fails these checks
+is damaged: :func:`prune` deletes it (``save_num_checkpoints_to_keep`` > 0) or moves it to
+``checkpoints/damaged/`` (keep all), instead of warning about it at every resume.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ log = logging.getLogger("foundry")
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 METADATA = ".metadata"
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # written by older versions; read with weights_only=True
 CONFIG_FILE = "foundry_config.yaml"
 PREFIX = "step-"
+DAMAGED = "damaged"  # checkpoints/damaged/: damaged checkpoints kept aside (save_num_checkpoints_to_keep=-1)
 _CHUNK = 8 << 20
 
 
@@ -44,6 +50,10 @@ def step_of(path: Path) -> int:
 
 
 def rng_file(rank: int) -> str:
+    return f"rng-{rank}.json"
+
+
+def legacy_rng_file(rank: int) -> str:
     return f"rng-{rank}.pt"
 
 
@@ -112,15 +122,32 @@ def verify(path: Path, part: int = 0, parts: int = 1) -> tuple[bool, str]:
     return True, ""
 
 
-def list_complete(root: Path, quiet: bool = False) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first. Incomplete ones are reported and skipped."""
+def _checkpoint_folders(root: Path) -> list[Path]:
+    """``step-N`` folders under `root` (not ``.tmp`` or downloads in progress), in no order."""
     root = Path(root)
     if not root.is_dir():
         return []
+    return [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
+
+
+def list_unusable(root: Path) -> list[tuple[Path, str]]:
+    """``step-N`` folders that are not complete checkpoints, with why, oldest first."""
     found = []
-    for path in root.iterdir():
-        if not path.is_dir() or not path.name.startswith(PREFIX) or not path.name[len(PREFIX) :].isdigit():
-            continue
+    for path in _checkpoint_folders(root):
+        ok, why = is_complete(path)
+        if not ok:
+            found.append((path, why))
+    return sorted(found, key=lambda pw: step_of(pw[0]))
+
+
+def list_complete(root: Path, quiet: bool = False) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first. Incomplete ones are reported and skipped."""
+    found = []
+    for path in _checkpoint_folders(root):
         ok, why = is_complete(path)
         if ok:
             found.append(path)
@@ -154,15 +181,11 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
 def finalize(
     tmp: Path, final: Path, step: int, digests: dict[str, list[int]] | None = None, world_size: int = 1
 ) -> None:
-    """fsync, rename, then mark complete: a folder with a marker was fully on disk before the marker."""
-    fsync_tree(tmp)
+    """Mark complete, fsync, then rename: a ``step-N/`` folder is whole on disk, marker included, from
+    the moment it has that name (a crash leaves a ``.tmp`` folder, which is never resumed from)."""
     digests = dict(digests or {})
     unknown = [n for n in all_files(tmp) if n not in digests]
     digests.update(digest_files(tmp, unknown))
-    if final.exists():  # a previous attempt at this step that was renamed but never marked complete
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
     marker = {
         "step": step,
         "time": time.time(),
@@ -170,17 +193,23 @@ def finalize(
         "files": {n: d[0] for n, d in sorted(digests.items())},
         "crc32": {n: d[1] for n, d in sorted(digests.items())},
     }
-    with open(final / MARKER, "w") as fh:
+    with open(tmp / MARKER, "w") as fh:
         json.dump(marker, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    fsync_dir(final)
+    fsync_tree(tmp)
+    if final.exists():  # an earlier, damaged checkpoint of this step (a resume went back before it)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
 def prune(root: Path, keep: int, done_step: int | None = None) -> None:
     """Delete the oldest complete checkpoints beyond `keep`, and leftovers of interrupted saves: ``.tmp``
     and unmarked folders older than the newest complete one, and `done_step`'s own ``.tmp`` (what stays
-    on a node where rank 0 did not rename it: a remote run's staging disk on another node)."""
+    on a node where rank 0 did not rename it: a remote run's staging disk on another node). Damaged
+    checkpoints go too (:func:`set_aside_damaged`)."""
+    set_aside_damaged(root, keep)
     complete = list_complete(root, quiet=True)
     if keep > 0:
         for old in complete[:-keep]:
@@ -197,3 +226,31 @@ def prune(root: Path, keep: int, done_step: int | None = None) -> None:
         leftover = path.name.endswith(".tmp") or not (path / MARKER).is_file()
         if leftover and (step < newest or step == done_step):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside_damaged(root: Path, keep: int) -> list[Path]:
+    """``step-N`` folders that carry a marker but fail the size checks (a truncated or missing file, an
+    unreadable marker): deleted when only `keep` > 0 checkpoints are kept, else moved to ``damaged/``
+    (nothing is deleted when the policy is to keep everything). Returns where each one went."""
+    moved = []
+    for path, why in list_unusable(root):
+        if not (path / MARKER).exists():
+            continue  # unmarked: a leftover of an older version's save, prune's business
+        if keep > 0:
+            log.warning("deleting damaged checkpoint %s (%s)", path, why)
+            shutil.rmtree(path, ignore_errors=True)
+            moved.append(path)
+            continue
+        aside = Path(root) / DAMAGED / path.name
+        try:
+            if aside.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(path, aside)
+            (aside / "WHY").write_text(why + "\n")
+        except OSError as e:  # another node of a shared file system moved it first, or a read-only disk
+            log.warning("could not move damaged checkpoint %s aside: %s", path, e)
+            continue
+        log.warning("moved damaged checkpoint %s to %s (%s)", path, aside, why)
+        moved.append(aside)
+    return moved

@@ -7,6 +7,7 @@ parameter name rather than position.
 
 from __future__ import annotations
 
+import base64
 import random
 
 import numpy as np
@@ -55,6 +56,48 @@ def capture_rng() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def rng_to_json(state: dict) -> dict:
+    """The generators' state as plain JSON (no pickle: a checkpoint must not be able to run code)."""
+    out = {
+        "torch": _bytes_of(state["torch"]),
+        "python": [state["python"][0], list(state["python"][1]), state["python"][2]],
+        "numpy": [
+            state["numpy"][0],
+            np.asarray(state["numpy"][1]).tolist(),
+            *map(_plain, state["numpy"][2:]),
+        ],
+    }
+    if "cuda" in state:
+        out["cuda"] = _bytes_of(state["cuda"])
+    return out
+
+
+def rng_from_json(data: dict) -> dict:
+    """The inverse of rng_to_json, as capture_rng() returns it."""
+    version, internal, gauss = data["python"]
+    name, key, *rest = data["numpy"]
+    state = {
+        "torch": _tensor_of(data["torch"]),
+        "python": (int(version), tuple(int(x) for x in internal), gauss),
+        "numpy": (name, np.asarray(key, dtype=np.uint32), *rest),
+    }
+    if "cuda" in data:
+        state["cuda"] = _tensor_of(data["cuda"])
+    return state
+
+
+def _bytes_of(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _tensor_of(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
 
 
 def restore_rng(state: dict) -> None:

@@ -33,6 +33,7 @@ from foundry.checkpoint.layout import (
     all_files,
     is_complete,
     list_complete,
+    list_unusable,
     step_dir,
     step_of,
 )
@@ -45,7 +46,7 @@ T = TypeVar("T")
 
 # Small files of the run folder that live beside the checkpoints; a fresh node fetches them too, so the
 # metrics file continues and a resumed wandb run keeps its id.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "wandb_id")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.rewound.jsonl", "wandb_id")
 
 
 def is_remote(folder: str | None) -> bool:
@@ -160,8 +161,9 @@ def _remote_rel(step: int, name: str = "") -> str:
     return f"{CHECKPOINTS}/{PREFIX}{step:08d}" + (f"/{name}" if name else "")
 
 
-def remote_complete_steps(remote: RemoteDir) -> list[int]:
-    """Steps of the complete checkpoints in a remote run folder (marker present, every file its size), oldest first."""
+def remote_complete_steps(remote: RemoteDir, bad: list[tuple[str, str]] | None = None) -> list[int]:
+    """Steps of the complete checkpoints in a remote run folder (marker present, every file its size), oldest
+    first. Folders with a marker that fail these checks are appended to `bad` as (where, why)."""
     listing = remote.files(CHECKPOINTS)
     by_step: dict[str, dict[str, int]] = {}
     for rel, size in listing.items():
@@ -171,15 +173,20 @@ def remote_complete_steps(remote: RemoteDir) -> list[int]:
     for folder, files in by_step.items():
         if not folder.startswith(PREFIX) or not folder[len(PREFIX) :].isdigit() or MARKER not in files:
             continue
+        where = f"{remote.url}/{CHECKPOINTS}/{folder}"
         try:
             marker = json.loads(remote.read_text(f"{CHECKPOINTS}/{folder}/{MARKER}") or "")
             expected = marker["files"]
         except (ValueError, KeyError, TypeError):
             log.warning("skipping remote checkpoint %s: unreadable completion marker", folder)
+            if bad is not None:
+                bad.append((where, "unreadable completion marker"))
             continue
-        bad = [n for n, s in expected.items() if files.get(n) != s]
-        if bad:
-            log.warning("skipping remote checkpoint %s: %s missing or of the wrong size", folder, bad[0])
+        wrong = [n for n, s in expected.items() if files.get(n) != s]
+        if wrong:
+            log.warning("skipping remote checkpoint %s: %s missing or of the wrong size", folder, wrong[0])
+            if bad is not None:
+                bad.append((where, f"{wrong[0]} missing or of the wrong size"))
             continue
         steps.append(step_of(Path(folder)))
     return sorted(steps)
@@ -248,6 +255,10 @@ class LocalStore:
         """Steps of every complete checkpoint this store knows of, oldest first (rank 0)."""
         return [step_of(p) for p in list_complete(self.root)]
 
+    def unusable(self) -> list[tuple[str, str]]:
+        """(where, why) of each checkpoint folder that is not complete (rank 0)."""
+        return [(str(p), why) for p, why in list_unusable(self.root)]
+
     def fetch(self, step: int, node_tag: str) -> Path:
         """This node's local copy of checkpoint `step` (each node's first rank)."""
         return step_dir(self.root, step)
@@ -290,6 +301,11 @@ class RemoteStore(LocalStore):
 
     def candidates(self) -> list[int]:
         return sorted(set(super().candidates()) | set(remote_complete_steps(self.remote)))
+
+    def unusable(self) -> list[tuple[str, str]]:
+        bad: list[tuple[str, str]] = []
+        remote_complete_steps(self.remote, bad)
+        return super().unusable() + bad
 
     def fetch(self, step: int, node_tag: str) -> Path:
         path = step_dir(self.root, step)

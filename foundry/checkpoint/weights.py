@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from foundry.checkpoint.layout import CONFIG_FILE, TRAINER_STATE, finalize, resolve_checkpoint, verify
+from foundry.checkpoint.safe_read import dcp_load, read_dcp_metadata
 from foundry.checkpoint.state import ModelState
 from foundry.checkpoint.writer import single_process_quiet
 from foundry.errors import CheckpointError
@@ -35,10 +37,9 @@ def _verified(path: str | Path) -> Path:
 
 def model_keys(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """name -> (shape, dtype) of every model tensor a checkpoint holds (names without `model.`), from its metadata."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = read_dcp_metadata(path)
     return {
         key[len(MODEL_PREFIX) :]: (meta.size, meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -85,9 +86,7 @@ def load_into(model: torch.nn.Module, path: str | Path) -> Path:
         path,
     )
     with single_process_quiet():
-        dcp.load(
-            {"model": _PartialModelState(model, grow) if grow else ModelState(model)}, checkpoint_id=str(path)
-        )
+        dcp_load({"model": _PartialModelState(model, grow) if grow else ModelState(model)}, path)
     for name in sorted(grow):
         _load_grown(model, path, name, stored_meta[name], expected[name][0])
     return path
@@ -101,7 +100,7 @@ def _load_grown(model: torch.nn.Module, path: Path, name: str, meta, rows: int) 
     shape, dtype = meta
     old = {MODEL_PREFIX + name: torch.empty(shape, dtype=dtype)}
     with single_process_quiet():
-        dcp.load(old, checkpoint_id=str(path), no_dist=True)
+        dcp_load(old, path, no_dist=True)
     params = {canonical_name(n): p for n, p in model.named_parameters()}
     param = params[name]
     assign_full(param, grown(old[MODEL_PREFIX + name], rows).to(param.dtype))
@@ -139,7 +138,7 @@ def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not state:
         raise CheckpointError(f"{path} holds no model weights")
     with single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp_load(state, path, no_dist=True)
     return {key[len(MODEL_PREFIX) :]: value for key, value in state.items()}
 
 
@@ -152,7 +151,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], config_y
     tmp.mkdir(parents=True)
     with single_process_quiet():
         dcp.save({"model": state_dict}, checkpoint_id=str(tmp), no_dist=True)
-    torch.save({"step": 0, "weights_only": True}, tmp / TRAINER_STATE)
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": 0, "weights_only": True}))
     (tmp / CONFIG_FILE).write_text(config_yaml)
     finalize(tmp, final, 0)
     return final

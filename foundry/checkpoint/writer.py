@@ -9,7 +9,9 @@ the store's business (foundry/checkpoint/storage.py).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -19,22 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from foundry.checkpoint.layout import (
     CONFIG_FILE,
+    LEGACY_TRAINER_STATE,
     TRAINER_STATE,
     digest_files,
     finalize,
+    legacy_rng_file,
     owned_files,
     rng_file,
+    set_aside_damaged,
     step_dir,
     verify,
 )
+from foundry.checkpoint.safe_read import dcp_load, read_json, read_legacy_pt
+from foundry.checkpoint.state import rng_from_json, rng_to_json
 from foundry.checkpoint.storage import LocalStore
-from foundry.errors import CheckpointError, FoundryError
+from foundry.errors import CheckpointError
+from foundry.fsutil import why_unwritable
 from foundry.runtime import dist as fdist
 
 log = logging.getLogger("foundry")
@@ -51,14 +58,66 @@ def single_process_quiet():
         yield
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `path` (JSON; an older checkpoint's .pt without unpickling code)."""
+    path = Path(path)
+    if (path / TRAINER_STATE).is_file():
+        state = read_json(path / TRAINER_STATE)
+    elif (path / LEGACY_TRAINER_STATE).is_file():
+        state = read_legacy_pt(path / LEGACY_TRAINER_STATE)
+    else:
+        raise CheckpointError(f"{path} has no {TRAINER_STATE}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the trainer state is not a mapping")
+    return state
+
+
+def read_rng(path: Path, rank: int) -> dict | None:
+    """This rank's RNG state in checkpoint `path`, or None when it has none for this rank."""
+    path = Path(path)
+    if (path / rng_file(rank)).is_file():
+        return rng_from_json(read_json(path / rng_file(rank)))
+    if (path / legacy_rng_file(rank)).is_file():
+        return read_legacy_pt(path / legacy_rng_file(rank), numpy_arrays=True)
+    return None
+
+
 def load(path: Path, app_state: dict[str, Any], rank: int = 0) -> tuple[dict[str, Any], dict | None]:
     """Load DCP state into `app_state` in place (resharding as needed); return (trainer state, this
-    rank's RNG state or None when the checkpoint has none for this rank)."""
+    rank's RNG state or None when the checkpoint has none for this rank). Nothing read can run code."""
+    trainer_state = read_trainer_state(path)
     with single_process_quiet():
-        dcp.load(app_state, checkpoint_id=str(path))
-    trainer_state = torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
-    rng = Path(path) / rng_file(rank)
-    return trainer_state, torch.load(rng, map_location="cpu", weights_only=False) if rng.is_file() else None
+        dcp_load(app_state, path)
+    return trainer_state, read_rng(path, rank)
+
+
+def _one_line(error: BaseException) -> str:
+    """What went wrong, in one line: DCP's exception carries each rank's traceback; its last line says it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if isinstance(error, CheckpointException) and lines:
+        return lines[-1][:500]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def _errno_in(error: BaseException, depth: int = 0) -> int | None:
+    """The errno of the OSError behind `error`: in its cause chain, or in what DCP collected per rank."""
+    if depth > 8 or error is None:
+        return None
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    inner = [error.__cause__, error.__context__]
+    inner += [f[0] if isinstance(f, tuple) else f for f in getattr(error, "failures", {}).values()]
+    for e in inner:
+        if isinstance(e, BaseException) and (code := _errno_in(e, depth + 1)):
+            return code
+    return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @dataclass
@@ -110,15 +169,24 @@ class Checkpointer:
         """Start checkpoint `step`; with async saving it completes later (see ready()/finish())."""
         self.finish()  # markers go out in step order, one checkpoint in flight at a time
         tmp = step_dir(self.root, step).with_name(step_dir(self.root, step).name + ".tmp")
+        error = None
         if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self.store.begin(step)
-        fdist.barrier(self._group)
-        torch.save(rng_state, tmp / rng_file(self.env.rank))
-        if self.env.is_main:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-            (tmp / CONFIG_FILE).write_text(config_yaml)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                self.store.begin(step)
+            except OSError as e:
+                error = e
+        self._agree_written(step, tmp, error)  # also the barrier before the other ranks write into tmp
+        error = None
+        try:
+            _write_json(tmp / rng_file(self.env.rank), rng_to_json(rng_state))
+            if self.env.is_main:
+                _write_json(tmp / TRAINER_STATE, trainer_state)
+                (tmp / CONFIG_FILE).write_text(config_yaml)
+        except OSError as e:
+            error = e
+        self._agree_written(step, tmp, error)
         if self.use_async and not blocking:
             response = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group)
             job = self._pool.submit(self._write_share, step, tmp, response)
@@ -145,6 +213,33 @@ class Checkpointer:
         self.store.share_written(tmp, names, step)
         return digests
 
+    def _agree_written(self, step: int, tmp: Path, error: OSError | None) -> None:
+        """Collective: did every rank manage its part so far? If not, every rank raises the same error."""
+        mine = None if error is None else (f"{type(error).__name__}: {error}", error.errno)
+        failed = [(r, *m) for r, m in enumerate(fdist.all_gather_object(mine, group=self._group)) if m]
+        if failed:
+            raise self._write_failed(step, tmp, *failed[0])
+
+    def _write_failed(
+        self, step: int, tmp: Path, rank: int, message: str, errno: int | None
+    ) -> CheckpointError:
+        """One line: which folder, why (read-only, no permission, full: looked up, not guessed from DCP's
+        message), and that the previous checkpoint stands. The partial write is removed (rank 0)."""
+        cause = why_unwritable(self.root, OSError(errno, "") if errno else None)
+        cause = cause or message.strip().splitlines()[0][:300]
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = self.store.candidates() if self.env.is_main else []
+        stands = (
+            f"checkpoint {previous[-1]} is the newest complete one and is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        return CheckpointError(
+            f"the checkpoint of step {step} could not be written to {self.root} (rank {rank}): {cause}; {stands}. "
+            "Free space or fix permissions there, then rerun the same command to resume."
+        )
+
     @property
     def pending(self) -> bool:
         return self._pending is not None
@@ -159,20 +254,16 @@ class Checkpointer:
         if pending is None:
             return None
         try:
-            share = (True, pending.job.result())
+            share = (True, pending.job.result(), None)
         except LOAD_ERRORS as e:
-            share = (False, f"{type(e).__name__}: {e}")
+            share = (False, f"{type(e).__name__}: {e}", _errno_in(e))
         shares = fdist.all_gather_object(share, group=self._group)
-        failed = [(rank, msg) for rank, (ok, msg) in enumerate(shares) if not ok]
+        failed = [(rank, msg, code) for rank, (ok, msg, code) in enumerate(shares) if not ok]
         if failed:
-            rank, msg = failed[0]
-            raise CheckpointError(
-                f"checkpoint of step {pending.step} could not be written (rank {rank}: {msg}); the previous "
-                f"complete checkpoint in {self.root} stands. Check free space and permissions there."
-            )
+            raise self._write_failed(pending.step, pending.tmp, *failed[0])
         final = step_dir(self.root, pending.step)
         if self.env.is_main:
-            digests = {name: d for _, ds in shares for name, d in ds.items()}
+            digests = {name: d for _, ds, _ in shares for name, d in ds.items()}
             finalize(pending.tmp, final, pending.step, digests, self.env.world_size)
             self.store.published(final, pending.step, digests, self.keep, self.run_dir)
         fdist.barrier(self._group)
@@ -193,33 +284,58 @@ class Checkpointer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- load
-    def load_newest(self, app_state: dict[str, Any]) -> tuple[Path, dict, dict | None] | None:
+    def load_newest(
+        self, app_state: dict[str, Any], check: Callable[[Path, dict], None] | None = None
+    ) -> tuple[Path, dict, dict | None] | None:
         """Load the newest checkpoint that every rank can read, local or remote; None if there is none.
 
         A damaged checkpoint (bad checksum, or an error while loading on any rank) is skipped with a
-        warning on every rank alike, and the one before it is tried.
+        warning on every rank alike, and the one before it is tried. When checkpoints exist but none
+        can be used, this refuses (listing each one's reason) rather than letting the run start over.
+        `check(path, trainer_state)` runs before the weights are read and may refuse the resume.
         """
-        steps = fdist.broadcast_object(self.store.candidates() if self.env.is_main else None)
+        found = (self.store.candidates(), self.store.unusable()) if self.env.is_main else None
+        steps, unusable = fdist.broadcast_object(found)
+        reasons = [f"{where}: {why}" for where, why in unusable]
         for step in reversed(steps):
             path = self._fetch(step)
             if path is None:
+                reasons.append(f"step {step}: download failed")
                 continue
             ok, why = verify(path, self.env.rank, self.env.world_size)
             if not fdist.all_ranks(ok, self.env.device):
                 self._warn_skip(path, why or "damaged on another rank")
+                reasons.append(f"{path}: {why or 'damaged (found on another rank)'}")
                 continue
             try:
-                trainer_state, rng = load(path, app_state, self.env.rank)
-                ok, why = True, ""
+                trainer_state, ok, why = read_trainer_state(path), True, ""
             except LOAD_ERRORS as e:
-                trainer_state, rng, ok, why = None, None, False, f"{type(e).__name__}: {e}"
+                trainer_state, ok, why = None, False, _one_line(e)
+            if not fdist.all_ranks(ok, self.env.device):
+                self._warn_skip(path, why or "cannot be loaded on another rank")
+                reasons.append(f"{path}: {why or 'cannot be loaded (on another rank)'}")
+                continue
+            if check is not None:
+                check(path, trainer_state)  # a refusal, not damage: every rank reads the same file
+            try:
+                with single_process_quiet():
+                    dcp_load(app_state, path)
+                rng, ok, why = read_rng(path, self.env.rank), True, ""
+            except LOAD_ERRORS as e:
+                rng, ok, why = None, False, _one_line(e)
             if fdist.all_ranks(ok, self.env.device):
+                if self.env.is_local_leader:  # the damaged ones skipped on the way: not again next time
+                    set_aside_damaged(self.root, self.keep)
                 return path, trainer_state, rng
             self._warn_skip(path, why or "cannot be loaded on another rank")
-        if steps:
-            raise FoundryError(
-                f"none of the checkpoints in {self.store.describe()} (steps {steps}) could be loaded; the warnings "
-                "above say why. Move the damaged ones away, or set autoresume=false to start over."
+            reasons.append(f"{path}: {why or 'cannot be loaded (on another rank)'}")
+        if reasons:
+            listing = "\n  ".join(reasons)
+            raise CheckpointError(
+                f"none of the checkpoints in {self.store.describe()} can be used:\n  {listing}\n"
+                "Refusing to start over on top of them. Restore or move the damaged ones away, or set "
+                "autoresume=false to start this run from step 0 on purpose (its metrics so far are kept "
+                "in metrics.rewound.jsonl)."
             )
         return None
 

@@ -11,6 +11,25 @@ import typer
 from foundry.errors import FoundryError
 
 
+def _flags_show_no_type() -> None:
+    """typer's help prints every option's type, so a flag reads `--json <bool>` as if it took a value;
+    a flag takes none. One place, for every verb (typer offers no setting for it)."""
+    from typer.core import TyperOption
+
+    if getattr(TyperOption, "_foundry_flags", False):
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+    TyperOption._foundry_flags = True
+
+
+_flags_show_no_type()
+
+
 def setup_logging() -> None:
     from rich.logging import RichHandler
 

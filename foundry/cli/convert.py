@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -22,6 +26,9 @@ def to_hf(
     tokenizer: str = typer.Option(
         None, help="Tokenizer folder to copy in (default: the run's tokenizer.name)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT_DIR if it is not empty (everything in it goes)."
+    ),
 ) -> None:
     """Export a checkpoint as a folder that transformers.AutoModelForCausalLM loads (no trust_remote_code).
 
@@ -30,18 +37,48 @@ def to_hf(
       foundry convert to-hf runs/tiny-cpu hf/tiny-cpu
 
       foundry convert to-hf runs/tiny-cpu/checkpoints/step-00000100 hf/tiny --dtype bfloat16
+
+      foundry convert to-hf runs/tiny-cpu hf/tiny-cpu --overwrite
+
+    The folder is written beside OUT_DIR and renamed into place when complete.
     """
     from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
     from foundry.convert.hf import export_hf
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        from foundry.errors import ConfigError
+
+        raise ConfigError(
+            f"{out_dir} is not empty: pass --overwrite to replace it (its files go), or choose another OUT_DIR"
+        )
     path = resolve_checkpoint(run_or_checkpoint)
     cfg = checkpoint_config(path)
     state = load_model_weights(path)
     vocab_size = state["transformer.wte.weight"].shape[0]
-    export_hf(
-        state, cfg.model, vocab_size, out_dir, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype
-    )
+    with _replacing(out_dir) as tmp:
+        export_hf(
+            state, cfg.model, vocab_size, tmp, tokenizer_dir=tokenizer or cfg.tokenizer.name, dtype=dtype
+        )
     typer.echo(f"wrote {out_dir} from {path}")
+
+
+@contextmanager
+def _replacing(out: Path):
+    """A fresh folder beside `out`, renamed to `out` (replacing it) when the block completes; removed if not."""
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @app.command("from-hf")

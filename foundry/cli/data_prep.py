@@ -207,7 +207,7 @@ _TEXT_DOC = """Tokenize text files into windows of --seq-len tokens (documents j
 
     Folders are searched for text-like files (.txt .md .rst .tex .jsonl .json, also .gz/.zst) unless --glob is given.
 
-    Bad input (invalid UTF-8, empty, malformed JSON, missing field, unreadable) is skipped, counted and reported.
+    Bad input (invalid UTF-8, binary, empty, malformed JSON, missing field, unreadable) is skipped, counted and reported.
 
     The output appears only when complete (built in OUT.tmp-*); a rerun with the same arguments is a no-op.
 

@@ -43,6 +43,10 @@ _add_data_prep()
 
 
 def main() -> None:
+    if sys.argv[1:2] and sys.argv[1] in ("pretrain", "finetune"):
+        from foundry.runtime.preemption import install_early
+
+        install_early()  # a SIGTERM before the first step: exit 0, not 143
     run_guarded(app, sys.argv[1:])
 
 

@@ -108,6 +108,17 @@ def _phase_rows(cfg: TrainConfig, plan: RunPlan) -> list[PhaseRow]:
     return rows
 
 
+def check_run_shape(cfg: TrainConfig, nproc: int | None = None) -> None:
+    """The step-geometry checks of `foundry pretrain` (foundry/data/geometry.py), for `nproc` processes
+    (default: $WORLD_SIZE, else 1), before anything is built."""
+    import os
+
+    from foundry.data.geometry import check_plan_geometry
+
+    world_size = nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    check_plan_geometry(make_plan(cfg), cfg.device_train_microbatch_size, world_size)
+
+
 def plan_rows(cfg: TrainConfig) -> list[PhaseRow]:
     return _phase_rows(cfg, make_plan(cfg, epoch_tokens))
 

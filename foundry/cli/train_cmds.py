@@ -48,16 +48,21 @@ def _launch_torchrun(verb: str, nproc: int, config: Path, overrides: list[str]) 
             OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
             FOUNDRY_STOP_FILE=str(stop_file),
         )
-        proc = subprocess.Popen(cmd, env=env)
+        proc = None
 
         def on_sigterm(signum, frame):
-            if stop_file.exists():
+            if stop_file.exists() and proc is not None:
                 proc.send_signal(signal.SIGTERM)
             else:
                 log.warning("SIGTERM: asking every rank to checkpoint and stop after its current step")
                 stop_file.touch()
 
         previous = signal.signal(signal.SIGTERM, on_sigterm)
+        from foundry.runtime.preemption import stop_requested_early
+
+        if stop_requested_early():  # came between the check in _run and this handler
+            stop_file.touch()
+        proc = subprocess.Popen(cmd, env=env)
         try:
             code = proc.wait()
         except KeyboardInterrupt:
@@ -76,12 +81,24 @@ def _run(verb: str, config: Path, overrides: list[str], nproc: int | None, requi
         from foundry.errors import ConfigError
 
         raise ConfigError("finetune starts from weights: set load_path=RUN_OR_CHECKPOINT", "load_path")
+    launching = bool(nproc) and int(os.environ.get("WORLD_SIZE", "1")) == 1
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("FOUNDRY_PLAN_SHOWN"):
-        from foundry.cli.plan_report import print_plan
+        from foundry.cli.plan_report import check_run_shape, print_plan
 
+        check_run_shape(
+            cfg, nproc if launching else None
+        )  # what `foundry plan` checks, before anything starts
         print_plan(cfg)  # the plan before any compute is spent; once, even when relaunched under torchrun
         os.environ["FOUNDRY_PLAN_SHOWN"] = "1"
-    if nproc and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launching:
+        from foundry.checkpoint.storage import run_location
+        from foundry.runtime.preemption import stop_requested_early
+        from foundry.train.runlock import check_run_folder_free
+
+        check_run_folder_free(*run_location(cfg.run_dir, cfg.save_local_dir))  # before N processes start
+        if stop_requested_early():
+            log.warning("SIGTERM before training started: not starting it")
+            raise SystemExit(0)
         _launch_torchrun(verb, nproc, config, overrides)
     from foundry.train.trainer import train
 

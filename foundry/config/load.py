@@ -246,8 +246,80 @@ def _prepare_overrides(overrides: list[str], groups: set[str]) -> list[str]:
     return out
 
 
+# --- YAML syntax -------------------------------------------------------------------------------------
+
+
+def _yaml_loader():
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """PyYAML keeps the last of two equal keys without a word; a config must not."""
+
+    def mapping(loader, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
+def _show_line(path: Path | None, mark) -> str:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines() if path else []
+    except OSError:
+        lines = []
+    if not 0 <= mark.line < len(lines):
+        return ""
+    text = lines[mark.line].replace("\t", " ")
+    number = f"{mark.line + 1:>5} | "
+    return f"\n{number}{text}\n{' ' * (len(number) - 2)}| {' ' * mark.column}^"
+
+
+def yaml_error(error, path: Path | None = None) -> ConfigError:
+    """A YAML syntax error as file:line:column, what is wrong, and the offending line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+    if mark is None:
+        return ConfigError(f"{path}: {problem}")
+    file = Path(mark.name) if mark.name and not mark.name.startswith("<") else path
+    if "\t" in problem or "'\\t'" in problem:
+        problem += " (indent with spaces: YAML does not allow tabs)"
+    message = f"{file}:{mark.line + 1}:{mark.column + 1}: {problem}" + _show_line(file, mark)
+    context, cmark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and cmark is not None and cmark.line != mark.line:
+        message += f"\n  {context} (line {cmark.line + 1}, column {cmark.column + 1})" + _show_line(
+            file, cmark
+        )
+    elif context and cmark is not None and cmark.column != mark.column:
+        message += f"\n  {context} (column {cmark.column + 1})"
+    return ConfigError(message)
+
+
+def check_yaml_syntax(path: Path) -> None:
+    """Parse `path` strictly (duplicate keys are errors) before Hydra sees it."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yaml.load(fh, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise yaml_error(e, path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def compose_dict(config_path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """Hydra composition of the YAML at `config_path` with `overrides`, resolved to plain Python."""
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -256,6 +328,7 @@ def compose_dict(config_path: str | Path, overrides: list[str] = ()) -> dict[str
     path = Path(config_path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    check_yaml_syntax(path)
     paths = search_paths(path)
     overrides = _prepare_overrides(list(overrides), config_groups(paths))
     searchpath = "hydra.searchpath=[" + ",".join(f"file://{p}" for p in paths) + "]"
@@ -263,7 +336,12 @@ def compose_dict(config_path: str | Path, overrides: list[str] = ()) -> dict[str
         with initialize_config_dir(config_dir=str(path.resolve().parent), version_base=None):
             cfg = compose(config_name=path.stem, overrides=[searchpath, *overrides])
         data = OmegaConf.to_container(cfg, resolve=True)
+    except yaml.YAMLError as e:  # a file the defaults list pulls in (mark.name says which)
+        raise yaml_error(e, path) from None
     except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, yaml.YAMLError) else None
+        if cause is not None:
+            raise yaml_error(cause, path) from None
         raise ConfigError(f"{path}: {str(e).strip()}") from None
     data.pop("hydra", None)
     # Top-level keys starting with `_` are scratch space for interpolation, e.g. a phase's mix placed with

@@ -32,6 +32,7 @@ FP64_CPU_ONLY = (
     "fp64 is a CPU reference mode (float64 weights and compute, for runs that must agree to rounding); "
     "set device: cpu, or use amp_bf16 or fp32 on CUDA"
 )
+HASHES = ("sha1", "sha256", "md5", "xxh64")
 
 
 @dataclass
@@ -87,6 +88,9 @@ class DataConfig:
     # Streaming's per-batch source choice (MPT-7B: "samples for each batch come from one source").
     batching_method: str = "random"
     cache_limit: str | None = None
+    # Check every local shard against the hash data-prep wrote into index.json before training (reads all
+    # of the data once), and make Streaming check downloaded shards: sha1 (what data-prep writes), or None.
+    validate_hash: str | None = None
 
     def validate(self, path: str) -> None:
         if not self.streams:
@@ -101,6 +105,8 @@ class DataConfig:
             ("random", "per_stream", "stratified", "device_per_stream"),
             f"{path}.batching_method",
         )
+        if self.validate_hash is not None:
+            one_of(self.validate_hash, HASHES, f"{path}.validate_hash")
 
 
 @dataclass
@@ -218,6 +224,11 @@ class TrainConfig:
     # A remote save_folder (s3://...) is staged here before upload. None: $FOUNDRY_CACHE_DIR or ~/.cache/foundry.
     save_local_dir: str | None = None
     allow_data_change: bool = False  # resume even if the current phase's data changed (fingerprint mismatch)
+    # Resume even if these settings differ from the checkpoint's (README, "Resuming"): the seed; the model's
+    # architecture; the optimizer, its schedule and gradient clipping.
+    allow_seed_change: bool = False
+    allow_model_change: bool = False
+    allow_optimizer_change: bool = False
     load_path: str | None = (
         None  # weights to start from (fresh optimizer), e.g. `foundry convert from-hf` output
     )

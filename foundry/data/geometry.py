@@ -95,3 +95,29 @@ def step_shape(
             f"(needed for exact resume); make global_train_batch_size a multiple of {unit}"
         )
     return shape
+
+
+def check_plan_geometry(plan, micro_rows: int, world_size: int) -> None:
+    """The step geometry of every phase of `plan` (a foundry.config.plan.RunPlan) on `world_size` ranks:
+    the batch splits over ranks and micro-batches, and the phase's sequence length cuts its data's
+    windows (where the window length is known on this machine). `foundry plan`, `foundry pretrain`
+    (before starting processes) and the trainer (before building the model) all run this one check."""
+    from foundry.data import mds
+
+    for phase in plan.phases:
+        label = f"phase {phase.name!r}: " if len(plan.phases) > 1 else ""
+        try:
+            check_batch_split(phase.global_batch_rows, micro_rows, world_size)
+            lengths = {name: mds.local_window_len(s) for name, s in phase.data.streams.items()}
+            known = {name: n for name, n in lengths.items() if n is not None}
+            if len(set(known.values())) > 1:
+                listing = ", ".join(f"{n}: {w}" for n, w in known.items())
+                raise DataError(f"the streams of one phase must share a window length, got {listing}")
+            if known:
+                step_shape(
+                    next(iter(known.values())), phase.seq_len, phase.global_batch_rows, micro_rows, world_size
+                )
+        except ConfigError as e:
+            raise ConfigError(label + str(e).split(": ", 1)[-1], e.path) from None
+        except DataError as e:
+            raise DataError(label + str(e)) from None

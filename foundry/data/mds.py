@@ -7,6 +7,7 @@ A prepared folder holds Streaming's ``index.json`` and shards with one column, `
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,100 @@ def local_window_len(stream: StreamConfig) -> int | None:
         return fixed
     sample = first_local_sample(folder, index)
     return None if sample is None else len(tokens_of(sample, str(folder)))
+
+
+# --- checking shards before training ---------------------------------------------------------------------
+
+
+def rebuild_hint(stream: StreamConfig) -> str:
+    """How to make this stream's folder again: the data-prep command its summary manifest records."""
+    folder = stream_dir(stream)
+    summary = None
+    for candidate in (Path(stream.local or ""), folder.parent if folder is not None else None):
+        if candidate is not None:
+            m = _read_json_quiet(candidate / MANIFEST)
+            if m is not None and isinstance(m.get("args"), dict):
+                summary, out = m, candidate
+                break
+    if summary is None:
+        return "prepare it again (foundry data-prep ... --overwrite) or restore it from a good copy"
+    args, source = summary["args"], (summary["args"].get("source") or [{}])[0]
+    if "kind" not in source or "inputs" not in source:
+        return f"prepare {out} again with the same `foundry data-prep` command and --overwrite"
+    cmd = ["foundry data-prep", source["kind"], *source["inputs"], "--out", str(out)]
+    cmd += ["--tokenizer", str((summary.get("tokenizer") or {}).get("path", "TOKENIZER"))]
+    cmd += ["--seq-len", str(args.get("seq_len"))]
+    cmd += [f"--glob '{g}'" for g in source.get("globs", [])]
+    cmd += [f"--exclude '{e}'" for e in source.get("exclude", [])]
+    for key, flag, default in (
+        ("text_field", "--text-field", "text"),
+        ("val_fraction", "--val-fraction", 0.0),
+        ("seed", "--seed", 0),
+        ("min_tokens", "--min-tokens", 1),
+        ("max_tokens", "--max-tokens", None),
+        ("long_min_tokens", "--long-min-tokens", None),
+        ("compression", "--compression", "zstd"),
+    ):
+        if args.get(key, default) != default:
+            cmd += [flag, str(args[key])]
+    return "rebuild it with: " + " ".join([*cmd, "--overwrite"])
+
+
+def _read_json_quiet(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_shards(stream: StreamConfig, where: str, validate_hash: str | None = None) -> None:
+    """Every shard of a local stream that is on disk has the size index.json gives it (cheap: no reading),
+    and with `validate_hash` also its hash (reads every shard). Missing shards are an error only when
+    there is no remote to download them from."""
+    folder = stream_dir(stream)
+    index = read_index(folder) if folder is not None else None
+    if index is None:
+        return
+    for shard in index.get("shards", []):
+        files = [(shard.get("raw_data") or {}), (shard.get("zip_data") or {})]
+        files = [f for f in files if f.get("basename")]
+        present = [f for f in files if (folder / f["basename"]).is_file()]
+        # Without a remote, Streaming needs a compressed shard's own file (it drops a lone decompressed copy).
+        needed = files[-1:] if stream.remote is None else []
+        if any(f not in present for f in needed):
+            raise DataError(
+                f"{where}: shard {folder / needed[0]['basename']} is missing; {rebuild_hint(stream)}"
+            )
+        for info in present:
+            path = folder / info["basename"]
+            size = path.stat().st_size
+            if "bytes" in info and size != int(info["bytes"]):
+                raise DataError(
+                    f"{where}: shard {path} has {size:,} bytes, {folder / INDEX} says {int(info['bytes']):,} "
+                    f"(truncated or overwritten); {rebuild_hint(stream)}"
+                )
+            if validate_hash is not None:
+                _check_hash(path, info, validate_hash, where, stream)
+
+
+def file_hash(algo: str, data: bytes) -> str:
+    """The hex digest Streaming's `get_hash` gives (hashlib's algorithms, or xxhash's xxh*)."""
+    if algo.startswith("xxh"):
+        import xxhash
+
+        return getattr(xxhash, algo)(data).hexdigest()
+    return hashlib.new(algo, data).hexdigest()
+
+
+def _check_hash(path: Path, info: dict[str, Any], algo: str, where: str, stream: StreamConfig) -> None:
+    expected = (info.get("hashes") or {}).get(algo)
+    if expected is None:
+        raise DataError(
+            f"{where}: {path.parent / INDEX} records no {algo} hash for {path.name} (prepared without "
+            f"hashes); {rebuild_hint(stream)}, or unset data.validate_hash"
+        )
+    if file_hash(algo, path.read_bytes()) != expected:
+        raise DataError(
+            f"{where}: shard {path} does not match its {algo} hash (corrupted); {rebuild_hint(stream)}"
+        )

@@ -6,6 +6,8 @@ Data preparation tokenizes with the Rust `tokenizers` library directly, for spee
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,47 @@ from foundry.errors import ConfigError, FoundryError
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def has_tokenizer_files(path: Path) -> bool:
+    return any((Path(path) / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def no_tokenizer_message(path: Path) -> str:
+    return f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"
+
+
+def vocab_fingerprint(tokenizer_json: str) -> str:
+    """sha256 of what decides the token ids (vocabulary and merges, added tokens, normalizer,
+    pre-tokenizer), JSON-normalized: a tokenizer saved again elsewhere keeps its fingerprint."""
+    data = json.loads(tokenizer_json)
+    core = {k: data.get(k) for k in ("model", "normalizer", "pre_tokenizer")}
+    core["added_tokens"] = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_identity(name_or_path: str) -> tuple[int, str | None]:
+    """(vocabulary size with added tokens, vocab_fingerprint) of a tokenizer folder or hub name."""
+    path = Path(name_or_path).expanduser()
+    json_path = path / "tokenizer.json" if path.is_dir() else path
+    if json_path.is_file() and json_path.suffix == ".json":
+        from tokenizers import Tokenizer
+
+        text = json_path.read_text(encoding="utf-8")
+        try:
+            return Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True), vocab_fingerprint(text)
+        except Exception:
+            pass  # not a tokenizers file: let transformers try
+    tokenizer = load_tokenizer(name_or_path)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return len(tokenizer), vocab_fingerprint(backend.to_str()) if backend is not None else None
+
+
 def load_tokenizer(name_or_path: str, **kwargs: Any):
     """A transformers tokenizer from a local folder, or from a hub name (needs a network the first time)."""
     from transformers import AutoTokenizer
 
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        raise FoundryError(f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+    if path.is_dir() and not has_tokenizer_files(path):
+        raise FoundryError(no_tokenizer_message(path))
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, ... with pages of text

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from foundry.data.mds import file_hash
 from foundry.errors import DataError
 
 COLUMN = "tokens"
@@ -68,6 +69,7 @@ class MDSWindowWriter:
         columns: Mapping[str, Any],
         compression: str | None = None,
         size_limit: int = SIZE_LIMIT,
+        hashes: tuple[str, ...] = (),
     ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ class MDSWindowWriter:
             "column_sizes": [None] * len(self.columns),
             "compression": compression,
             "format": "mds",
-            "hashes": [],
+            "hashes": sorted(hashes),  # Streaming's order; it checks files against these on download
             "size_limit": size_limit,
             "version": 2,
         }
@@ -150,13 +152,18 @@ class MDSWindowWriter:
             )
         )
         raw_name = f"shard.{len(self.shards):05}.mds"
-        raw_info = {"basename": raw_name, "bytes": len(raw), "hashes": {}}
+        algos = self.config["hashes"]
+        raw_info = {"basename": raw_name, "bytes": len(raw), "hashes": {a: file_hash(a, raw) for a in algos}}
         zip_info = None
         data, name = raw, raw_name
         if self.compression:
             data = _compress(self.compression, raw)
             name = f"{raw_name}.{self.compression}"
-            zip_info = {"basename": name, "bytes": len(data), "hashes": {}}
+            zip_info = {
+                "basename": name,
+                "bytes": len(data),
+                "hashes": {a: file_hash(a, data) for a in algos},
+            }
         with open(self.folder / name, "wb") as f:
             f.write(data)
         self.shards.append({"samples": n, "raw_data": raw_info, "zip_data": zip_info, **self.config})
@@ -176,9 +183,14 @@ class MDSTokenWriter(MDSWindowWriter):
     """Pretraining windows: the one column `tokens` (ndarray:int32), as llm-foundry's converters write."""
 
     def __init__(
-        self, folder: Path, window_len: int, compression: str | None = None, size_limit: int = SIZE_LIMIT
+        self,
+        folder: Path,
+        window_len: int,
+        compression: str | None = None,
+        size_limit: int = SIZE_LIMIT,
+        hashes: tuple[str, ...] = (),
     ):
-        super().__init__(folder, window_len, {COLUMN: np.int32}, compression, size_limit)
+        super().__init__(folder, window_len, {COLUMN: np.int32}, compression, size_limit, hashes)
 
     def write(self, windows: np.ndarray) -> None:
         """windows: int32 array [n, window_len]."""

@@ -324,7 +324,9 @@ def _finish(router, output, spec, plan, skipped, args, args_fp, opts, start) -> 
     splits = {}
     for name, writer in router.writers.items():
         manifest = writer.finish(common)
-        splits[name] = {k: manifest[k] for k in ("split", "documents", "tokens", "windows", "window_len")}
+        splits[name] = {
+            k: manifest[k] for k in ("split", "documents", "tokens", "windows", "window_len", "max_token_id")
+        }
         splits[name]["path"] = name
         if writer.windows == 0:
             warnings.append(
@@ -339,6 +341,7 @@ def _finish(router, output, spec, plan, skipped, args, args_fp, opts, start) -> 
         "document_tokens": router.doc_tokens,
         "tokens": sum(s["tokens"] for n, s in splits.items() if n != "long"),
         "window_len": opts.seq_len,
+        "max_token_id": max(w.max_token_id for w in router.writers.values()),
         "tokenizer": spec.manifest(),
         "source": plan.description,
         "skipped": skipped_all,

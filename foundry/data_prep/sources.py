@@ -23,7 +23,16 @@ from foundry.errors import DataError
 
 log = logging.getLogger("foundry.data_prep")
 
-SKIP_REASONS = ("invalid_utf8", "empty", "bad_json", "missing_field", "too_short", "too_long", "unreadable")
+SKIP_REASONS = (
+    "invalid_utf8",
+    "binary",
+    "empty",
+    "bad_json",
+    "missing_field",
+    "too_short",
+    "too_long",
+    "unreadable",
+)
 
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 JSON_SUFFIXES = (".jsonl", ".json")

@@ -38,11 +38,15 @@ class TokenizerSpec:
     appends_eos: bool  # the tokenizer's post-processor already ends every encoding with EOS
 
     def manifest(self) -> dict:
+        from foundry.data.tokenizer import vocab_fingerprint
+
         return {
             "path": self.path,
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
             "fingerprint": self.fingerprint,
+            # What training compares with its own tokenizer (foundry/train/preflight.py).
+            "vocab_fingerprint": vocab_fingerprint(self.json),
         }
 
 
@@ -73,7 +77,11 @@ def load_tokenizer_spec(name_or_path: str) -> TokenizerSpec:
     (loaded with transformers; needs a network the first time)."""
     from tokenizers import Tokenizer
 
+    from foundry.data.tokenizer import has_tokenizer_files, no_tokenizer_message
+
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and not has_tokenizer_files(path):  # say so now, not after transformers' search
+        raise DataError(no_tokenizer_message(path) + "; pass the folder a tokenizer was saved to")
     json_path = path / "tokenizer.json" if path.is_dir() else path
     if json_path.is_file():
         text = json_path.read_text(encoding="utf-8")
@@ -160,6 +168,19 @@ def is_val_document(ident: str, index: int, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest, "little") < fraction * 2.0**64
 
 
+# C0 control characters that text does not hold (tab, newlines, form feed and ESC of coloured logs do).
+_BINARY_CONTROLS = frozenset(chr(c) for c in range(32) if chr(c) not in "\t\n\r\f\v\x1b") | {"\x7f"}
+_SNIFF = 8192  # characters looked at, from the start: what git and file(1) do
+
+
+def looks_binary(text: str) -> bool:
+    """Valid UTF-8 that is not text: a NUL byte, or more than 10% control characters, near the start."""
+    sample = text[:_SNIFF]
+    if "\x00" in sample:
+        return True
+    return sum(ch in _BINARY_CONTROLS for ch in sample) > 0.1 * len(sample)
+
+
 def _text_value(value, skipped: Counter) -> str | None:
     if value is None or not isinstance(value, str | bytes):
         skipped["missing_field"] += 1
@@ -172,6 +193,9 @@ def _text_value(value, skipped: Counter) -> str | None:
             return None
     if not value or value.isspace():
         skipped["empty"] += 1
+        return None
+    if looks_binary(value):
+        skipped["binary"] += 1
         return None
     return value
 
@@ -198,6 +222,9 @@ def parse_chunk(chunk: Chunk, text_field: str) -> tuple[list[tuple[str, int]], l
             text = text.removeprefix("\ufeff")  # a BOM is an encoding marker, not content
             if not text or text.isspace():
                 skipped["empty"] += 1
+                continue
+            if looks_binary(text):
+                skipped["binary"] += 1
                 continue
             keys.append((ident, 0))
             texts.append(text)

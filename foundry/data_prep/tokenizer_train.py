@@ -142,7 +142,14 @@ def _save(tokenizer, out: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD
+        tokenizer_object=tokenizer,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=PAD,
+        # What a causal LM takes: without this, tok(text) also returns token_type_ids, which
+        # model.generate(**tok(text, return_tensors="pt")) refuses.
+        model_input_names=["input_ids", "attention_mask"],
     )
     output = AtomicOutput(out)
     output.clean_stale()

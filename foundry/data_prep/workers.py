@@ -22,8 +22,27 @@ log = logging.getLogger("foundry.data_prep")
 _worker_fn: Callable[[Any], Any] | None = None
 
 
-def _init_worker(make_encoder: Callable[[], Callable[[Any], Any]]) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this process when its parent dies, even by SIGKILL (which no handler sees),
+    so a killed data-prep leaves no orphaned workers tokenizing for nobody."""
+    import ctypes
     import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def _init_worker(make_encoder: Callable[[], Callable[[Any], Any]], parent_pid: int) -> None:
+    import signal
+
+    die_with_parent(parent_pid)
 
     # Workers are single-threaded: parallelism comes from processes, and a Rust thread pool per
     # worker would only oversubscribe the cores.
@@ -56,7 +75,10 @@ class OrderedPool:
         # before any thread (the progress bar) exists in this process.
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self._pool = ProcessPoolExecutor(
-            self.num_workers, mp_context=ctx, initializer=_init_worker, initargs=(self.make_encoder,)
+            self.num_workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(self.make_encoder, os.getpid()),
         )
         for f in [self._pool.submit(os.getpid) for _ in range(self.num_workers)]:
             f.result()

@@ -29,6 +29,7 @@ log = logging.getLogger("foundry.data_prep")
 
 FORMAT = "foundry-mds-v1"
 MANIFEST = "manifest.json"
+SHARD_HASHES = ("sha1",)  # written into index.json; `data.validate_hash: sha1` checks them
 _OWNER = ".owner"
 
 
@@ -55,12 +56,15 @@ class SplitWriter:
         self.folder = folder
         self.split = split
         self.window_len = window_len
-        self._writer = MDSTokenWriter(folder, window_len, compression)
+        self._writer = MDSTokenWriter(folder, window_len, compression, hashes=SHARD_HASHES)
         self._pending: list[np.ndarray] = []
         self._pending_len = 0
         self.documents = 0
         self.windows = 0
         self.doc_tokens = 0  # tokens of this split's documents, EOS included
+        self.max_token_id = (
+            -1
+        )  # the largest id in the split: training checks the model's vocabulary covers it
         self.histogram: Counter = Counter()
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -69,6 +73,8 @@ class SplitWriter:
             return
         self.documents += len(lengths)
         self.doc_tokens += len(tokens)
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         self.histogram.update(length_histogram(lengths))
         self.add_tokens(tokens)
 
@@ -97,6 +103,7 @@ class SplitWriter:
             "windows": self.windows,
             "window_len": self.window_len,
             "dropped_tail_tokens": self._pending_len,
+            "max_token_id": self.max_token_id,
             **common,
             "tokens_per_document_histogram": histogram_labels(self.histogram),
         }

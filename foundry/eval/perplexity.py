@@ -93,6 +93,12 @@ def evaluate_checkpoint(
         raise ConfigError("overrides apply to --config; pass --config CONFIG.yaml with them")
     path = resolve_checkpoint(run_or_ckpt)
     run_cfg = checkpoint_config(path)
+    if not config and run_cfg.max_duration is None and not run_cfg.phases:
+        raise ConfigError(
+            f"{path} holds weights without a run's data (e.g. `foundry convert from-hf` wrote it); the model "
+            "config is there, the eval streams are not: pass --config CONFIG.yaml whose data.eval_streams to use",
+            "--config",
+        )
     data_cfg = load_config(config, overrides) if config else run_cfg
     phase = make_plan(data_cfg, epoch_tokens).phases[-1]
     if not phase.data.eval_streams:

@@ -10,6 +10,26 @@ import time
 
 log = logging.getLogger("foundry")
 
+_early: dict[str, float | None] = {"at": None}  # a SIGTERM that came before the trainer was listening
+
+
+def install_early() -> None:
+    """Catch SIGTERM from the moment `foundry pretrain` starts (imports, config, model build), so that a
+    preemption before the first step exits 0 like one during training, instead of dying with 143."""
+
+    def on_sigterm(signum, frame):
+        if _early["at"] is None:
+            _early["at"] = time.monotonic()
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+
+
+def stop_requested_early() -> bool:
+    return _early["at"] is not None
+
 
 class Preemption:
     """SIGTERM (what SLURM and Kubernetes send), or the stop file of `foundry pretrain --nproc`, asks the
@@ -30,6 +50,8 @@ class Preemption:
             self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.request())
         except ValueError:  # not the main thread (e.g. a test harness thread): rely on the stop file
             self._previous = None
+        if _early["at"] is not None:  # asked before the run could listen: stop before the first step
+            self.request(at=_early["at"])
 
     def uninstall(self) -> None:
         if self._deadline is not None:
@@ -38,11 +60,12 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
 
-    def request(self) -> None:
+    def request(self, at: float | None = None) -> None:
         if self.requested_at is not None:
             return
-        self.requested_at = time.monotonic()
-        self._deadline = threading.Timer(self.grace_s, self._overdue)
+        self.requested_at = time.monotonic() if at is None else at
+        left = max(self.grace_s - (time.monotonic() - self.requested_at), 1.0)
+        self._deadline = threading.Timer(left, self._overdue)
         self._deadline.daemon = True
         self._deadline.start()
 

@@ -66,6 +66,7 @@ def write_resume_checkpoint(ck: ComposerCheckpoint, cfg: TrainConfig, run_dir: s
     from foundry.convert.hf import _check_same_architecture
     from foundry.models.build import build_model
     from foundry.train.optim import build_optimizer
+    from foundry.train.resume_check import run_identity
     from foundry.train.schedulers import build_scheduler
     from foundry.train.trainer import TrainState
 
@@ -103,6 +104,7 @@ def write_resume_checkpoint(ck: ComposerCheckpoint, cfg: TrainConfig, run_dir: s
         "scheduler": scheduler.state_dict(),
         "world_size": 1,
         "data_fingerprint": data_fingerprint(plan),
+        "run_identity": run_identity(cfg, model_cfg.vocab_size),  # what a resume compares with the YAML
         "from_composer": {"path": str(ck.path), "timestamp": {k: str(v) for k, v in ck.timestamp.items()}},
     }
     run_dir = Path(run_dir)

@@ -60,7 +60,8 @@ class JsonlLogger(Logger):
     """One JSON object per line, flushed each line so a crash loses at most the line being written.
 
     Opened in append mode: a resumed run continues the same file. It may re-run steps logged after
-    its checkpoint, so the trainer calls ``truncate_after(resumed_step)`` first.
+    its checkpoint, so the trainer calls ``truncate_after(resumed_step)`` first; the records it takes
+    out are not dropped but appended to ``<name>.rewound.jsonl`` (README, "Resuming").
     """
 
     def __init__(self, path: str | os.PathLike, enabled: bool = True):
@@ -69,6 +70,10 @@ class JsonlLogger(Logger):
         self._file: TextIO | None = None
         if enabled:
             self._open()
+
+    @property
+    def rewound_path(self) -> Path:
+        return self.path.with_name(self.path.name.removesuffix(".jsonl") + ".rewound.jsonl")
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,12 +94,14 @@ class JsonlLogger(Logger):
         self._file.write(json.dumps({k: _plain(v) for k, v in record.items()}, allow_nan=False) + "\n")
         self._file.flush()
 
-    def truncate_after(self, step: int) -> None:
-        """Keep records with step <= ``step`` (and records without a step); drop unreadable lines.
-        The file is rewritten beside itself and renamed over, so a crash leaves old or new, never half."""
+    def truncate_after(self, step: int, reason: str = "resumed") -> int:
+        """Keep records with step <= ``step`` (and records without a step) in the file; move the later
+        ones to the rewound file, after a header record saying when and why; drop unreadable (torn) lines.
+        The file is rewritten beside itself and renamed over, so a crash leaves old or new, never half.
+        Returns how many records were moved."""
         if not self.enabled or not self.path.exists():
-            return
-        kept = []
+            return 0
+        kept, later = [], []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
@@ -103,22 +110,41 @@ class JsonlLogger(Logger):
             if not isinstance(record, dict):
                 continue
             record_step = record.get("step")
-            if isinstance(record_step, int | float) and record_step > step:
-                continue
-            kept.append(line)
+            (later if isinstance(record_step, int | float) and record_step > step else kept).append(line)
+        if not later:
+            return 0
+        header = {"rewound": {"to_step": step, "records": len(later), "reason": reason, "time": time.time()}}
         self.close()
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
+        _write_durably(tmp, kept)  # a full disk fails here, with nothing changed and no .tmp left
+        try:
+            # The side file before the rename: a crash in between repeats records there, never loses them.
+            _write_durably(self.rewound_path, [json.dumps(header), *later], append=True)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.path)
         self._open()
+        return len(later)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _write_durably(path: Path, lines: list[str], append: bool = False) -> None:
+    """Write lines and fsync; a failed write (a full disk) leaves no partial new file behind."""
+    existed = path.exists()
+    try:
+        with open(path, "a" if append else "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        if not append or not existed:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def new_run_id() -> str:
@@ -202,7 +228,12 @@ def _format_duration(seconds: float) -> str:
 
 class ProgressBar(Logger):
     """A rich progress bar on a terminal; elsewhere (a batch job's log file) or with
-    ``use_bar=False``, one plain line per record, since a redrawn bar turns a log file into noise."""
+    ``use_bar=False``, one plain line per record, since a redrawn bar turns a log file into noise.
+
+    The bar moves every step (``tick``) with an ETA computed here from the steps done so far (rich's own
+    needs several updates before it shows one). It draws on the console the log handler prints to
+    (rich's global console), so log lines appear above the bar instead of glued to its end.
+    """
 
     def __init__(
         self,
@@ -217,28 +248,35 @@ class ProgressBar(Logger):
         self._stream = stream if stream is not None else sys.stdout
         self._start_step = initial_step
         self._start_time = time.monotonic()
+        self._first_tick: tuple[float, int] | None = None
         self._progress = None
         self._task = None
         if not enabled:
             return
         is_tty = hasattr(self._stream, "isatty") and self._stream.isatty()
         if use_bar and is_tty:
+            from rich import get_console
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+            console = get_console() if stream is None else Console(file=stream)
             self._progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[metrics]}"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(file=self._stream),
+                TextColumn("ETA {task.fields[eta]}"),
+                console=console,
             )
             self._task = self._progress.add_task(
-                "train", total=total_steps, completed=initial_step, metrics=""
+                "train", total=total_steps, completed=initial_step, metrics="", eta="?"
             )
             self._progress.start()
+
+    @property
+    def console(self):
+        """The console the bar draws on (None without a bar): print through it to stay above the bar."""
+        return self._progress.console if self._progress is not None else None
 
     def _metrics_text(self, record: dict[str, Any]) -> str:
         parts = []
@@ -260,11 +298,26 @@ class ProgressBar(Logger):
         return " | ".join(parts)
 
     def _eta(self, step: int) -> str:
-        done = step - self._start_step
+        """Time left at the pace of the steps done in this invocation (after the first, which includes
+        start-up, once there are others to measure)."""
+        now = time.monotonic()
+        if self._first_tick is not None and step > self._first_tick[1]:
+            since, base = self._first_tick
+        else:
+            since, base = self._start_time, self._start_step
+        done = step - base
         if done <= 0:
             return "?"
-        per_step = (time.monotonic() - self._start_time) / done
-        return _format_duration(per_step * max(self.total_steps - step, 0))
+        return _format_duration((now - since) / done * max(self.total_steps - step, 0))
+
+    def tick(self, step: int) -> None:
+        """Step `step` is done (called every step; only the bar redraws, and rich throttles that)."""
+        if not self.enabled:
+            return
+        if self._first_tick is None:
+            self._first_tick = (time.monotonic(), step)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, eta=self._eta(step))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled or "step" not in record:
@@ -280,7 +333,7 @@ class ProgressBar(Logger):
             return
         metrics = self._metrics_text(record)
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, metrics=metrics)
+            self._progress.update(self._task, completed=step, metrics=metrics, eta=self._eta(step))
             return
         pct = 100.0 * step / self.total_steps if self.total_steps else 100.0
         line = f"step {step}/{self.total_steps} ({pct:.1f}%)"

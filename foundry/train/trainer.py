@@ -24,7 +24,6 @@ from foundry.config.plan import PhasePlan, RunPlan, make_plan
 from foundry.config.schema import TrainConfig
 from foundry.data.fingerprint import check_data_unchanged, data_fingerprint
 from foundry.data.mixture import epoch_tokens
-from foundry.data.tokenizer import resolve_vocab_size
 from foundry.errors import ConfigError, FoundryError
 from foundry.runtime import dist as fdist
 from foundry.runtime.precision import resolve_precision
@@ -36,7 +35,10 @@ from foundry.train.callbacks.icl import ICLEvaluation
 from foundry.train.callbacks.logging import Logging
 from foundry.train.callbacks.throughput import Throughput
 from foundry.train.microbatch import AUTO, find_micro_batch
-from foundry.train.rundir import prepare_run_dir
+from foundry.train.preflight import preflight
+from foundry.train.resume_check import check_run_unchanged, run_identity
+from foundry.train.rundir import agree, as_folder_error, prepare_run_dir
+from foundry.train.runlock import hold_run_folder
 from foundry.train.step import StepResult, train_step
 
 log = logging.getLogger("foundry")
@@ -88,19 +90,31 @@ class Summary:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from foundry.train.optim import build_optimizer
-        from foundry.train.parallel import build_parallel_model
-        from foundry.train.schedulers import build_scheduler
-
         self.cfg = cfg
         self.env = fdist.setup(cfg.device, cfg.dist_timeout_s)
         self.plan: RunPlan = make_plan(cfg, epoch_tokens)
         self.run_dir, self.remote = run_location(cfg.run_dir, cfg.save_local_dir)
+        # Every input checked before the folder is taken or the model built (each rank; all agree).
+        tokenizer_vocab, rows = agree(
+            lambda: preflight(cfg, self.plan, self.env.world_size, hashes=self.env.is_local_leader)
+        )
+        self.hold = hold_run_folder(self.run_dir, self.remote, self.env)  # one run per folder
+        try:
+            self._build(cfg, tokenizer_vocab, rows)
+        except BaseException:
+            self.hold.release()
+            raise
+
+    def _build(self, cfg: TrainConfig, tokenizer_vocab: int | None, rows: int) -> None:
+        from foundry.train.optim import build_optimizer
+        from foundry.train.parallel import build_parallel_model
+        from foundry.train.schedulers import build_scheduler
+
         self.precision = resolve_precision(cfg.precision, self.env.device)
         torch.manual_seed(cfg.seed)
         self.model, self.n_params = build_parallel_model(
             cfg.model,
-            resolve_vocab_size(cfg),
+            tokenizer_vocab,
             self.env,
             cfg.fsdp_config,
             self.precision,
@@ -108,6 +122,7 @@ class Trainer:
             cfg.seed,
         )
         _check_sft_vocabulary(self.plan, self.model.get_input_embeddings().weight.shape[0])
+        self.identity = run_identity(cfg, rows)  # stored in every checkpoint, compared on resume
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         first = self.plan.phases[0]
         self.scheduler = build_scheduler(
@@ -153,6 +168,8 @@ class Trainer:
             prepare_run_dir(self.cfg, self.run_dir, self.remote, env)
             self._resume_or_load()
             self.callbacks.on_fit_start(self)
+            if fdist.any_rank([self.preemption.requested], env.device)[0]:
+                self._stop = True  # asked to stop before the first step: nothing new to save
             while self.state.step < plan.total_steps and not self._stop:
                 phase = plan.phase_at(self.state.step)
                 t0 = time.perf_counter()
@@ -186,12 +203,16 @@ class Trainer:
             self.checkpointer.abandon()
             if fdist.is_comm_failure(e):
                 raise FoundryError(fdist.describe_comm_failure(env, self._current_step, e)) from e
+            folder_error = as_folder_error(e, self.run_dir, self.checkpointer.root)
+            if folder_error is not None:
+                raise folder_error from e
             raise
         finally:
             self.callbacks.close()
             if self.loader is not None:
                 self.loader.close()
             self.preemption.uninstall()
+            self.hold.release()
         s = self.summary
         return TrainResult(
             self.state.step, self.state.tokens, s.first_loss, s.last_loss, s.first_eval, s.last_eval,
@@ -231,7 +252,12 @@ class Trainer:
         """Autoresume from the newest good checkpoint; else start from load_path's weights; else fresh."""
         loaded = None
         if self.cfg.autoresume:
-            loaded = self.checkpointer.load_newest(app_state(self.model, self.optimizer))
+            loaded = self.checkpointer.load_newest(app_state(self.model, self.optimizer), self._check_resume)
+        elif self.env.is_main and (self.run_dir / ckpt.CHECKPOINTS).is_dir():
+            log.warning(
+                "autoresume=false: starting from step 0 in %s; its checkpoints are replaced as this run saves",
+                self.run_dir,
+            )
         if loaded is None:
             if self.cfg.load_path:
                 self._load_weights(self.cfg.load_path)
@@ -252,6 +278,10 @@ class Trainer:
         if self.env.is_main:
             log.info("resumed from %s at step %d (%d tokens)", path, self.state.step, self.state.tokens)
         return path
+
+    def _check_resume(self, path: Path, trainer_state: dict) -> None:
+        """Before a checkpoint's weights are read: is it this run (seed, model, optimizer)?"""
+        check_run_unchanged(trainer_state.get("run_identity"), self.identity, self.cfg)
 
     def _load_weights(self, load_path: str) -> None:
         """Weights only (fresh optimizer), read straight into the sharded model: no rank holds them all."""
@@ -367,10 +397,19 @@ def _user_callbacks(cfg: TrainConfig) -> list[Callback]:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    trainer = Trainer(cfg)
+    trainer = None
     try:
+        trainer = Trainer(cfg)
         result = trainer.fit()
         fdist.barrier()  # leave together: a gloo peer gone mid-teardown aborts the other rank
         return result
+    except OSError as e:  # the run folder cannot be written (read-only, full, no permission)
+        run_dir, _ = run_location(cfg.run_dir, cfg.save_local_dir)
+        folder_error = as_folder_error(e, run_dir, run_dir / ckpt.CHECKPOINTS)
+        if folder_error is None:
+            raise
+        raise folder_error from e
     finally:
+        if trainer is not None:
+            trainer.hold.release()
         fdist.teardown()

@@ -41,7 +41,15 @@ from foundry.data_prep.sft.spec import DatasetSpec, SFTOptions, check_unique_nam
 from foundry.data_prep.sft.store import ConversationStore
 from foundry.data_prep.sft.tokenizer import ChatTokenizer, load_chat_tokenizer, save_tokenizer
 from foundry.data_prep.workers import OrderedPool, Progress
-from foundry.data_prep.writer import FORMAT, MANIFEST, AtomicOutput, fingerprint, read_manifest, write_json
+from foundry.data_prep.writer import (
+    FORMAT,
+    MANIFEST,
+    SHARD_HASHES,
+    AtomicOutput,
+    fingerprint,
+    read_manifest,
+    write_json,
+)
 from foundry.errors import ConfigError, DataError
 
 log = logging.getLogger("foundry.data_prep")
@@ -108,9 +116,8 @@ def _write_split(root: Path, split: str, items, store, opts: SFTOptions, tok: Ch
     datasets, indices, lengths = items
     rng = np.random.default_rng([opts.seed, zlib.crc32(split.encode())])
     bins = pack_best_fit(lengths, opts.seq_len, rng) if opts.pack else one_per_window(len(lengths))
-    writer = MDSWindowWriter(
-        root / split, opts.seq_len, COLUMNS, None if opts.compression == "none" else opts.compression
-    )
+    compression = None if opts.compression == "none" else opts.compression
+    writer = MDSWindowWriter(root / split, opts.seq_len, COLUMNS, compression, hashes=SHARD_HASHES)
     trained = 0
 
     def conversation(i: int):

@@ -67,6 +67,7 @@ def save(trainer, blocking: bool = True) -> None:
         "scheduler": trainer.scheduler.state_dict(),
         "world_size": trainer.env.world_size,
         "data_fingerprint": trainer.fingerprint,
+        "run_identity": trainer.identity,  # seed, model, optimizer: compared on resume
     }
     t0 = time.perf_counter()
     trainer.checkpointer.save(

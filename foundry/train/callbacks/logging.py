@@ -15,18 +15,19 @@ class Logging(Callback):
 
     def __init__(self):
         self.loggers: LoggerGroup | None = None
+        self.progress: ProgressBar | None = None
 
     def on_fit_start(self, trainer) -> None:
         from foundry.config.load import to_dict
 
         cfg, main = trainer.cfg, trainer.env.is_main
         metrics = JsonlLogger(trainer.run_dir / "metrics.jsonl", enabled=main)
-        if main:  # steps after the checkpoint are redone: drop their old records so the file reads as one run
-            metrics.truncate_after(trainer.state.step)
-        loggers = [
-            metrics,
-            ProgressBar(trainer.plan.total_steps, trainer.state.step, use_bar=cfg.progress_bar, enabled=main),
-        ]
+        if main:  # steps after the checkpoint are redone: their old records move to metrics.rewound.jsonl
+            metrics.truncate_after(trainer.state.step, f"resumed at step {trainer.state.step}")
+        self.progress = ProgressBar(
+            trainer.plan.total_steps, trainer.state.step, use_bar=cfg.progress_bar, enabled=main
+        )
+        loggers = [metrics, self.progress]
         if cfg.loggers.wandb is not None:
             run_id = load_or_create_run_id(trainer.run_dir / "wandb_id") if main else None
             loggers.append(
@@ -37,6 +38,8 @@ class Logging(Callback):
         self.loggers = LoggerGroup(loggers)
 
     def on_step_end(self, trainer, outcome: StepOutcome) -> None:
+        if self.progress is not None:
+            self.progress.tick(trainer.state.step)
         if not (trainer.due("log_interval", outcome.phase) or outcome.last):
             return
         state = trainer.state
@@ -63,3 +66,4 @@ class Logging(Callback):
         if self.loggers is not None:
             self.loggers.close()
             self.loggers = None
+            self.progress = None
