@@ -179,14 +179,21 @@ def test_from_composer_weights_and_load_path(tmp_path):
     from foundry.train.trainer import Trainer
 
     run_yaml = resume_yaml(tmp_path)
-    cfg = load_config(run_yaml, [f"load_path={tmp_path / 'ep0-ba3-rank0.pt'}", "autoresume=false"])
-    trainer = Trainer(cfg)
-    trainer._resume_or_load()
-    assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in model.state_dict().items())
-    trainer.checkpointer.close()
-    other = load_config(run_yaml, [f"load_path={tmp_path / 'ep0-ba3-rank0.pt'}", "model.no_bias=true"])
-    with pytest.raises(Exception, match="no_bias"):
-        Trainer(other)._resume_or_load()
+    load = [f"load_path={tmp_path / 'ep0-ba3-rank0.pt'}", f"save_folder={tmp_path / 'run'}"]
+    trainer = Trainer(load_config(run_yaml, load))
+    try:
+        trainer._resume_or_load()
+        assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    finally:
+        trainer.checkpointer.close()
+        trainer.hold.release()
+    other = Trainer(load_config(run_yaml, [*load, "model.no_bias=true"]))
+    try:
+        with pytest.raises(Exception, match="no_bias"):
+            other._resume_or_load()
+    finally:
+        other.checkpointer.close()
+        other.hold.release()
 
 
 RESUME_YAML = """\

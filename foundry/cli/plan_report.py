@@ -116,7 +116,7 @@ def check_run_shape(cfg: TrainConfig, nproc: int | None = None) -> None:
     from foundry.data.geometry import check_plan_geometry
 
     world_size = nproc or int(os.environ.get("WORLD_SIZE", "1"))
-    check_plan_geometry(make_plan(cfg), cfg.device_train_microbatch_size, world_size)
+    check_plan_geometry(make_plan(cfg, epoch_tokens), cfg.device_train_microbatch_size, world_size)
 
 
 def plan_rows(cfg: TrainConfig) -> list[PhaseRow]:
