@@ -204,7 +204,8 @@ def test_import_released_layout_with_composer_prefix_and_inv_sqrt_logit_scale(tm
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"attn_config": {**RELEASED_CONFIG["attn_config"], "alibi": False}}, "ALiBi"),
+        # alibi false in llm-foundry's layout means learned positions: their tensor must be there
+        ({"attn_config": {**RELEASED_CONFIG["attn_config"], "alibi": False}}, "missing: transformer.wpe"),
         (
             {"attn_config": {**RELEASED_CONFIG["attn_config"], "attn_type": "multiquery_attention"}},
             "attn_type",
@@ -224,19 +225,22 @@ def test_import_refuses_what_foundry_cannot_load(tmp_path, change, match):
         import_hf(tmp_path / "mpt")
 
 
-def test_import_refuses_learned_positions_odd_vocab_and_missing_files(tmp_path):
+def test_import_takes_learned_positions_and_odd_vocab_refuses_missing_files(tmp_path):
     _, model = released_model()
     sd = model.state_dict()
-    write_released_layout(
-        tmp_path / "wpe", {**sd, "transformer.wpe.weight": torch.zeros(48, 64)}, RELEASED_CONFIG
-    )
-    with pytest.raises(FoundryError, match="positional"):
-        import_hf(tmp_path / "wpe")
-
-    odd = {**sd, "transformer.wte.weight": sd["transformer.wte.weight"][:200]}
-    write_released_layout(tmp_path / "odd", odd, {**RELEASED_CONFIG, "vocab_size": 200})
-    with pytest.raises(FoundryError, match="multiple of 128"):
-        import_hf(tmp_path / "odd")
+    # learned positions (llm-foundry's default) and a vocabulary of 200 rows import as they are
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=3, max_seq_len=48, vocab_size=200, learned_pos_emb=True,
+                    attn_config=AttnConfig(alibi=False))  # fmt: skip
+    learned = build_model(cfg, seed=4).eval()
+    config = {
+        **RELEASED_CONFIG,
+        "vocab_size": 200,
+        "attn_config": {**RELEASED_CONFIG["attn_config"], "alibi": False},
+    }
+    write_released_layout(tmp_path / "wpe", learned.state_dict(), config)
+    state, imported, rows = import_hf(tmp_path / "wpe")
+    assert rows == 200 and imported.learned_pos_emb and not imported.attn_config.alibi
+    assert state["transformer.wpe.weight"].shape == (48, 64)
 
     write_released_layout(tmp_path / "gone", sd, RELEASED_CONFIG)
     (tmp_path / "gone" / "pytorch_model-00002-of-00003.bin").unlink()

@@ -186,3 +186,70 @@ def from_hf(
         + (f", tokenizer in {tokenizer_name}" if tokenizer_name else ", no tokenizer in the folder")
         + f"); train from it with load_path={out}"
     )
+
+
+@app.command("from-composer")
+def from_composer(
+    checkpoint: Path = typer.Argument(
+        ..., help="A Composer checkpoint file (llm-foundry's ep0-ba60-rank0.pt)."
+    ),
+    out: Path = typer.Argument(
+        ..., help="Where to write: a weights checkpoint, or with --config the run folder to resume in."
+    ),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        help="The run's foundry YAML (e.g. from `foundry migrate`): write a checkpoint the run resumes from, "
+        "with the optimizer state, the schedule's position and the step count.",
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="Overrides for --config: key=value.", show_default=False
+    ),
+) -> None:
+    """Import a Composer checkpoint without running its pickled code (tensors and plain data only).
+
+    Without --config: OUT is a weights-only checkpoint (the model config comes from the checkpoint's
+    Hugging Face config); train from it with load_path=OUT (load_path=CHECKPOINT.pt works directly too).
+
+    With --config: OUT is a run folder; OUT/checkpoints/step-N holds the weights, the optimizer state
+    (when the YAML's optimizer is the same algorithm and the shapes match), the learning-rate schedule
+    at step N and the data position, and `foundry pretrain RUN.yaml save_folder=OUT` continues from it.
+
+    Examples:
+
+      foundry convert from-composer runs/lf/checkpoints/ep0-ba2000-rank0.pt weights/lf
+
+      foundry migrate lf.yaml -o lf-foundry.yaml
+
+      foundry convert from-composer ep0-ba2000-rank0.pt runs/lf --config lf-foundry.yaml
+
+      foundry pretrain lf-foundry.yaml save_folder=runs/lf
+    """
+    from foundry.convert.composer import foundry_weights, read_composer_checkpoint
+
+    ck = read_composer_checkpoint(checkpoint)
+    if config is not None:
+        from foundry.config.load import load_config
+        from foundry.train.composer_resume import write_resume_checkpoint
+
+        cfg = load_config(config, list(overrides or []))
+        path = write_resume_checkpoint(ck, cfg, out)
+        typer.echo(
+            f"wrote {path} (step {ck.step}, {ck.optimizer_name} state); continue with: "
+            f"foundry pretrain {config} save_folder={out}"
+        )
+        if cfg.run_dir != str(out):
+            typer.echo(
+                f"note: the YAML's save_folder is {cfg.run_dir}; pass save_folder={out} to resume here"
+            )
+        return
+    from foundry.checkpoint import save_weights
+    from foundry.config.load import to_yaml
+    from foundry.config.schema import TrainConfig
+
+    state, model_cfg = foundry_weights(ck)
+    save_weights(out, state, to_yaml(TrainConfig(model=model_cfg)))
+    typer.echo(
+        f"wrote {out} ({sum(t.numel() for t in state.values()):,} parameters, step {ck.step} of the Composer "
+        f"run); train from it with load_path={out}"
+    )

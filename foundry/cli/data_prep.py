@@ -76,10 +76,26 @@ Exclude = Annotated[
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it holds a different dataset.")]
 Seed = Annotated[int, typer.Option("--seed", help="Salt of the val-split hash.")]
 ShowProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+BosText = Annotated[
+    str | None,
+    typer.Option(
+        "--bos-text",
+        help="Text put before every document, tokenized (llm-foundry's --bos_text), e.g. '<|endoftext|>'.",
+    ),
+]
+EosText = Annotated[
+    str | None,
+    typer.Option(
+        "--eos-text",
+        help="Text put after every document instead of the tokenizer's EOS (llm-foundry's --eos_text); "
+        "'' puts nothing.",
+    ),
+]
 
 
 def _prepare(source, out, tokenizer, seq_len, text_field, val_fraction, num_workers, compression,
-             long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress) -> None:  # fmt: skip
+             long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress,
+             bos_text=None, eos_text=None) -> None:  # fmt: skip
     from foundry.data_prep import PrepareOptions, format_summary, prepare
 
     opts = PrepareOptions(
@@ -96,6 +112,8 @@ def _prepare(source, out, tokenizer, seq_len, text_field, val_fraction, num_work
         overwrite=overwrite,
         seed=seed,
         progress=progress,
+        bos_text=bos_text,
+        eos_text=eos_text,
     )
     typer.echo(format_summary(prepare(source, opts)))
 
@@ -171,9 +189,12 @@ def _file_command(kind: str, doc: str):
         overwrite: Overwrite = False,
         seed: Seed = 0,
         progress: ShowProgress = True,
+        bos_text: BosText = None,
+        eos_text: EosText = None,
     ) -> None:
         _prepare(_files(kind, inputs, glob, exclude), out, tokenizer, seq_len, text_field, val_fraction, num_workers,
-                 compression, long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress)  # fmt: skip
+                 compression, long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress,
+                 bos_text, eos_text)  # fmt: skip
 
     command.__doc__ = doc
     command.__name__ = f"{kind}_cmd"
@@ -198,6 +219,8 @@ _TEXT_DOC = """Tokenize text files into windows of --seq-len tokens (documents j
 _JSONL_DOC = """Tokenize JSON-lines files (one record per line; .json arrays too; .gz/.zst read transparently).
 
     Example: foundry data-prep jsonl shards/ --text-field content --out data/mds/code -t tok/ --seq-len 8192
+
+    As llm-foundry's convert_dataset_json.py --eos_text '<|endoftext|>': add --eos-text '<|endoftext|>'.
     """
 
 _PARQUET_DOC = """Tokenize the --text-field column of parquet files (read with pyarrow, batch by batch).
@@ -236,6 +259,8 @@ def hf_cmd(
     overwrite: Overwrite = False,
     seed: Seed = 0,
     progress: ShowProgress = True,
+    bos_text: BosText = None,
+    eos_text: EosText = None,
 ) -> None:
     """Tokenize a Hugging Face `datasets` dataset (by name, or a local folder / parquet / jsonl file).
 
@@ -247,7 +272,7 @@ def hf_cmd(
 
     source = HFSource(name, subset, split, streaming, limit, cache_dir)
     _prepare(source, out, tokenizer, seq_len, text_field, val_fraction, num_workers, compression,
-             long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress)  # fmt: skip
+             long_min_tokens, min_tokens, max_tokens, overwrite, seed, progress, bos_text, eos_text)  # fmt: skip
 
 
 app.command("sft")(data_prep_sft.sft_cmd)

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from foundry.cli import convert, evaluate, generate, jobs, plan, report, submit, train_cmds
+from foundry.cli import convert, evaluate, generate, jobs, migrate, plan, report, submit, train_cmds
 from foundry.cli.common import run_guarded
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("finetune", context_settings=_EXTRA)(train_cmds.finetune)
 app.command("eval", context_settings=_EXTRA)(evaluate.eval_cmd)
 app.command("generate")(generate.generate)
 app.command("plan", context_settings=_EXTRA)(plan.plan)
+app.command("migrate")(migrate.migrate_cmd)
 app.command("report")(report.report_cmd)
 app.add_typer(convert.app, name="convert")
 app.command("submit", context_settings=_EXTRA)(submit.submit)

@@ -16,7 +16,8 @@ from typing import Any
 
 from foundry.config.plan import RunPlan, make_plan
 from foundry.config.schema import TrainConfig
-from foundry.data.mixture import PROPORTION_SUM_TOLERANCE, source_shares, tokens_in_source
+from foundry.data.mixture import PROPORTION_SUM_TOLERANCE, epoch_tokens, source_shares, tokens_in_source
+from foundry.errors import FoundryError
 
 # Reading a source more often than this adds little (repeated tokens lose value fast) and usually means
 # a proportion or token count is off. MPT-7B itself reads Wikipedia 8.2 times; MPT-7B-8k peaks at 4.6.
@@ -72,6 +73,7 @@ class PhaseRow:
     tokens: int
     sources: tuple[SourceRow, ...]
     proportion_sum: float | None  # as written, before normalizing; None without proportions
+    steps_per_epoch: int | None = None  # whole steps in one pass over the phase's data; None: unknown
 
 
 def _phase_rows(cfg: TrainConfig, plan: RunPlan) -> list[PhaseRow]:
@@ -100,6 +102,7 @@ def _phase_rows(cfg: TrainConfig, plan: RunPlan) -> list[PhaseRow]:
                 tokens=phase.tokens,
                 sources=tuple(sources),
                 proportion_sum=sum(given) if given else None,
+                steps_per_epoch=phase.steps_per_epoch,
             )
         )
     return rows
@@ -113,11 +116,24 @@ def check_run_shape(cfg: TrainConfig, nproc: int | None = None) -> None:
     from foundry.data.geometry import check_plan_geometry
 
     world_size = nproc or int(os.environ.get("WORLD_SIZE", "1"))
-    check_plan_geometry(make_plan(cfg), cfg.device_train_microbatch_size, world_size)
+    check_plan_geometry(make_plan(cfg, epoch_tokens), cfg.device_train_microbatch_size, world_size)
 
 
 def plan_rows(cfg: TrainConfig) -> list[PhaseRow]:
-    return _phase_rows(cfg, make_plan(cfg))
+    return _phase_rows(cfg, make_plan(cfg, epoch_tokens))
+
+
+def model_params(cfg: TrainConfig) -> int | None:
+    """The model's parameter count (tied output matrix once), from a meta-device build: no memory, no
+    weights. None when the vocabulary size is unknown here (no model.vocab_size, tokenizer unreachable)."""
+    from foundry.data.tokenizer import resolve_vocab_size
+    from foundry.models.build import build_model, num_params
+
+    try:
+        vocab = resolve_vocab_size(cfg)
+    except FoundryError:
+        return None
+    return num_params(build_model(cfg.model, vocab_size=vocab, device="meta"))
 
 
 def _stream_json(s: SourceRow) -> dict[str, Any]:
@@ -158,16 +174,18 @@ def plan_json(cfg: TrainConfig, world_size: int | None = None, gpu: str | None =
 
 def _phases_json(cfg: TrainConfig) -> dict[str, Any]:
     return {
+        "n_params": model_params(cfg),
         "phases": [
             {
                 "name": p.name,
                 "max_seq_len": p.max_seq_len,
                 "tokens": p.tokens,
                 "steps": p.steps,
+                "steps_per_epoch": p.steps_per_epoch,
                 "streams": [_stream_json(s) for s in p.sources],
             }
             for p in plan_rows(cfg)
-        ]
+        ],
     }
 
 
@@ -242,6 +260,8 @@ def _tables(cfg: TrainConfig) -> list[Any]:
     total_steps = sum(p.steps for p in phases)
     total_tokens = sum(p.tokens for p in phases)
     out.append(Text(f"total: {total_steps:,} steps, {total_tokens:,} tokens ({human_tokens(total_tokens)})"))
+    n_params = model_params(cfg)
+    out.append(Text(f"model: {'?' if n_params is None else f'{n_params:,}'} parameters"))
     for warning in plan_warnings(phases):
         out.append(Text(f"warning: {warning}", style="yellow"))
     return out

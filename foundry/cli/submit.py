@@ -26,9 +26,11 @@ def _check_world(cfg, world: int) -> None:
     """The batch must split over the job's ranks: a 64-node job should not fail after a day in the queue."""
     from foundry.config.plan import make_plan
     from foundry.data.geometry import check_batch_split
+    from foundry.data.mixture import epoch_tokens
 
-    for phase in make_plan(cfg).phases:
-        check_batch_split(phase.global_batch_rows, cfg.device_train_microbatch_size, world)
+    for phase in make_plan(cfg, epoch_tokens).phases:
+        micro = cfg.device_train_microbatch_size
+        check_batch_split(phase.global_batch_rows, 1 if micro == "auto" else micro, world)
 
 
 def _print_dry_run(scheduler, specs, kinds) -> None:

@@ -122,7 +122,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"must be a mapping of {tp.__name__} keys, got {value!r}", path)
-        return from_dict(tp, value, path)
+        return _build(tp, value, path)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"must be a mapping, got {value!r}", path)
@@ -159,15 +159,54 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+def unknown_keys(cls: type, data: Any, path: str = "") -> list[str]:
+    """Every key of `data` (a YAML mapping for dataclass `cls`) that the schema does not know, each as
+    "dotted.key: unknown key; did you mean ...?", in the file's order."""
+    if not isinstance(data, dict):
+        return []  # a wrong type, not a wrong key: _coerce says so
     if hasattr(cls, "variant"):  # ModelConfig: the family that `name` picks
+        cls = cls.variant(data, path or "model")
+    hints = _hints(cls)
+    out = []
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in hints:
+            out.append(f"{full}: unknown key{_suggest(full, list(hints))}")
+            continue
+        tp = _unwrap_optional(hints[key])
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            out += unknown_keys(tp, value, full)
+        elif origin is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]) and isinstance(value, dict):
+            for name, item in value.items():
+                out += unknown_keys(typing.get_args(tp)[1], item, f"{full}.{name}")
+        elif origin is list and dataclasses.is_dataclass(typing.get_args(tp)[0]) and isinstance(value, list):
+            for i, item in enumerate(value):
+                out += unknown_keys(typing.get_args(tp)[0], item, f"{full}[{i}]")
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """`data` as dataclass `cls`, every value type-checked. All unknown keys are reported at once (a
+    YAML from elsewhere usually has several), before any value is checked."""
+    unknown = unknown_keys(cls, data, path)
+    if len(unknown) == 1:
+        key, message = unknown[0].split(": ", 1)
+        raise ConfigError(message, key)
+    if unknown:
+        error = ConfigError(f"{len(unknown)} unknown keys:\n  " + "\n  ".join(unknown))
+        error.path = unknown[0].split(": ", 1)[0]
+        raise error
+    return _build(cls, data, path)
+
+
+def _build(cls: type, data: dict[str, Any], path: str) -> Any:
+    if hasattr(cls, "variant"):
         cls = cls.variant(data, path or "model")
     hints = _hints(cls)
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
-        if key not in hints:
-            raise ConfigError(f"unknown key{_suggest(full, list(hints))}", full)
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 

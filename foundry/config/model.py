@@ -17,7 +17,7 @@ ATTN_IMPLS = ("auto", "torch", "flex", "flash")
 @dataclass
 class AttnConfig:
     attn_impl: str = "auto"  # auto: flex on CUDA, torch (SDPA + materialized ALiBi) elsewhere
-    alibi: bool = True
+    alibi: bool = True  # false: no ALiBi (llm-foundry's default; then learned_pos_emb gives positions)
     alibi_bias_max: int = 8
     qk_ln: bool = False
     clip_qkv: float | None = None
@@ -26,10 +26,6 @@ class AttnConfig:
 
     def validate(self, path: str) -> None:
         one_of(self.attn_impl, ATTN_IMPLS, f"{path}.attn_impl")
-        if not self.alibi:
-            raise ConfigError(
-                "only ALiBi position encoding is supported (MPT's); set alibi: true", f"{path}.alibi"
-            )
         positive(self.alibi_bias_max, f"{path}.alibi_bias_max")
         if self.clip_qkv is not None:
             positive(self.clip_qkv, f"{path}.clip_qkv")
@@ -62,9 +58,12 @@ class ModelConfig:
     n_heads: int = 12
     n_layers: int = 12
     max_seq_len: int = 2048
-    # None: the tokenizer's size, padded up to the family's multiple (MPT: 128, 50257 -> 50304); the
-    # MPT presets set the released 50432 explicitly.
+    # Embedding rows, exactly as given (llm-foundry's 50368 stays 50368). None: the tokenizer's size,
+    # padded up to pad_vocab_size_multiple (50257 -> 50304 with 128); the MPT presets set the released 50432.
     vocab_size: int | None = None
+    # Only for a vocab_size taken from the tokenizer: round it up to a multiple of this (matmuls like round
+    # sizes). None: the family's choice (MPT: 128).
+    pad_vocab_size_multiple: int | None = None
     emb_pdrop: float = 0.0
     resid_pdrop: float = 0.0
     # LIMA: layer l's residual dropout is resid_pdrop * l / (n_layers - 1), from 0 at the first layer to
@@ -94,20 +93,25 @@ class ModelConfig:
             )
         if self.vocab_size is not None:
             positive(self.vocab_size, f"{path}.vocab_size")
+        if self.pad_vocab_size_multiple is not None:
+            positive(self.pad_vocab_size_multiple, f"{path}.pad_vocab_size_multiple")
         for key in ("emb_pdrop", "resid_pdrop"):
             positive(getattr(self, key), f"{path}.{key}", allow_zero=True)
 
 
 @dataclass
 class MPTConfig(ModelConfig):
-    """MPT (mosaicml/llm-foundry): ALiBi, LayerNorm, GELU MLP, tied output matrix."""
+    """MPT (mosaicml/llm-foundry): ALiBi or learned positional embeddings, LayerNorm, GELU MLP, tied
+    output matrix. foundry's defaults are the released MPT-7B's (ALiBi, no biases); llm-foundry's own
+    defaults differ (learned positions, biases): `foundry migrate` writes those out."""
 
     name: str = "mpt_causal_lm"
     # LoRA (foundry/config/lora.py): the Linear layers it may adapt, the modules it may train whole.
     lora_targets: ClassVar[tuple[str, ...]] = ("Wqkv", "out_proj", "up_proj", "down_proj")
     lora_savable: ClassVar[tuple[str, ...]] = ("norm_1", "norm_2", "norm_f")
     expansion_ratio: float = 4
-    no_bias: bool = True
+    learned_pos_emb: bool = False  # transformer.wpe: max_seq_len x d_model positions added to the tokens
+    no_bias: bool = True  # false: a bias in every Linear and LayerNorm (llm-foundry's default)
     norm_type: str = "low_precision_layernorm"
     layer_norm_epsilon: float = 1e-5
     logit_scale: float | None = None
@@ -119,6 +123,17 @@ class MPTConfig(ModelConfig):
         positive(self.expansion_ratio, f"{path}.expansion_ratio")
         one_of(self.norm_type, ("low_precision_layernorm", "layernorm"), f"{path}.norm_type")
         self.attn_config.validate(f"{path}.attn_config")
+        if self.learned_pos_emb and self.attn_config.alibi:
+            raise ConfigError(
+                "ALiBi and learned positional embeddings are both on; MPT uses one (llm-foundry turns "
+                "learned_pos_emb off with ALiBi)",
+                f"{path}.learned_pos_emb",
+            )
+        if not (self.learned_pos_emb or self.attn_config.alibi):
+            raise ConfigError(
+                "no position information: set learned_pos_emb: true or attn_config.alibi: true",
+                f"{path}.learned_pos_emb",
+            )
         self.init_config.validate(f"{path}.init_config")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from foundry.config.checks import one_of, positive
-from foundry.config.duration import Duration
+from foundry.config.duration import LENGTH_UNITS, Duration
 from foundry.config.icl import GauntletConfig, ICLTaskConfig, validate_icl_tasks
 from foundry.config.lora import LoRAConfig
 from foundry.config.model import ModelConfig, MPTConfig
@@ -122,7 +122,7 @@ class PhaseConfig:
 
     def validate(self, path: str) -> None:
         positive(self.max_seq_len, f"{path}.max_seq_len")
-        Duration.parse(self.duration, f"{path}.duration")
+        Duration.parse(self.duration, f"{path}.duration", units=LENGTH_UNITS)
         if self.data is not None:
             self.data.validate(f"{path}.data")
         if self.global_train_batch_size is not None:
@@ -152,11 +152,14 @@ class SchedulerConfig:
     alpha_f: float = 0.1
     t_max: str | None = None  # None: the run's length
     t_scale: str = "1ba"  # inv_sqrt_with_warmup's time scale
+    # Composer's trainer steps its schedulers before advancing its clock, so step k (from 1) runs at the
+    # schedule's value for k - 2 (the first two steps share the first value). true: the same timing
+    # (what `foundry migrate` writes); false: step k runs at the value for k - 1.
+    composer_timing: bool = False
 
     def validate(self, path: str) -> None:
         one_of(self.name, SCHEDULERS, f"{path}.name")
-        if self.t_warmup not in ("0ba", "0tok"):
-            Duration.parse(self.t_warmup, f"{path}.t_warmup")
+        Duration.parse(self.t_warmup, f"{path}.t_warmup", allow_zero=True)
         if self.t_max is not None:
             Duration.parse(self.t_max, f"{path}.t_max")
         Duration.parse(self.t_scale, f"{path}.t_scale")
@@ -203,7 +206,9 @@ class TrainConfig:
     max_seq_len: int = 2048
     max_duration: str | None = None  # required unless phases: are given
     global_train_batch_size: int = 8
-    device_train_microbatch_size: int = 1
+    # Rows per forward/backward on each rank, or "auto": the largest that fits, found on the GPU at
+    # start-up (foundry/train/microbatch.py; on a CPU the whole per-rank batch).
+    device_train_microbatch_size: int | str = 1
     device_eval_batch_size: int = 1
     eval_interval: str | None = None
     eval_subset_num_batches: int = -1  # -1: the whole eval set
@@ -258,13 +263,15 @@ class TrainConfig:
         return self.save_folder or f"runs/{self.run_name}"
 
     def validate(self) -> None:
-        for key in (
-            "global_train_batch_size",
-            "device_train_microbatch_size",
-            "device_eval_batch_size",
-            "max_seq_len",
-        ):
+        for key in ("global_train_batch_size", "device_eval_batch_size", "max_seq_len"):
             positive(getattr(self, key), key)
+        micro = self.device_train_microbatch_size
+        if micro != "auto" and (isinstance(micro, bool) or not isinstance(micro, int)):
+            raise ConfigError(
+                f"must be a number of rows or auto, got {micro!r}", "device_train_microbatch_size"
+            )
+        if micro != "auto":
+            positive(micro, "device_train_microbatch_size")
         one_of(self.precision, PRECISIONS, "precision")
         one_of(self.device, ("auto", "cpu", "cuda"), "device")
         if self.precision == "fp64" and self.device == "cuda":
@@ -306,7 +313,7 @@ class TrainConfig:
                 raise ConfigError(
                     "required: how long to train, e.g. max_duration: 2000ba or 10Btok", "max_duration"
                 )
-            Duration.parse(self.max_duration, "max_duration")
+            Duration.parse(self.max_duration, "max_duration", units=LENGTH_UNITS)
             longest = self.max_seq_len
         if longest > self.model.max_seq_len:
             raise ConfigError(

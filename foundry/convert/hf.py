@@ -208,6 +208,7 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
 # Settings that do not change what the weights compute (or only in training): a run may differ here.
 _TRAINING_ONLY = {
     "vocab_size",
+    "pad_vocab_size_multiple",
     "max_seq_len",
     "emb_pdrop",
     "resid_pdrop",

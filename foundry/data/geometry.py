@@ -97,13 +97,15 @@ def step_shape(
     return shape
 
 
-def check_plan_geometry(plan, micro_rows: int, world_size: int) -> None:
+def check_plan_geometry(plan, micro_rows: int | str, world_size: int) -> None:
     """The step geometry of every phase of `plan` (a foundry.config.plan.RunPlan) on `world_size` ranks:
     the batch splits over ranks and micro-batches, and the phase's sequence length cuts its data's
     windows (where the window length is known on this machine). `foundry plan`, `foundry pretrain`
     (before starting processes) and the trainer (before building the model) all run this one check."""
     from foundry.data import mds
 
+    if micro_rows == "auto":  # found at start-up among the divisors of the rank's rows: any divides
+        micro_rows = 1
     for phase in plan.phases:
         label = f"phase {phase.name!r}: " if len(plan.phases) > 1 else ""
         try:

@@ -107,17 +107,40 @@ def tokens_of(sample: dict[str, Any], where: str = "dataset") -> np.ndarray:
 
 
 def first_local_sample(folder: Path, index: dict[str, Any]) -> dict[str, Any] | None:
-    """Decode the first sample of the first shard, if that shard is present uncompressed."""
+    """Decode the first sample of the first shard, if that shard is on this machine (plain or compressed:
+    llm-foundry's converters write ``.zstd`` shards and no manifest)."""
     from streaming.base.format import reader_from_json
 
     shards = [s for s in index.get("shards", []) if int(s.get("samples", 0)) > 0]
     if not shards:
         return None
     reader = reader_from_json(str(folder), None, shards[0])
-    raw = folder / reader.file_pairs[0][0].basename
-    if not raw.is_file():
+    raw_info, zip_info = reader.file_pairs[0]
+    raw = folder / raw_info.basename
+    if raw.is_file():
+        return reader.get_item(0)
+    if zip_info is None or not (folder / zip_info.basename).is_file() or not hasattr(reader, "decode_sample"):
         return None
-    return reader.get_item(0)
+    from streaming.base.compression import decompress
+
+    try:
+        data = decompress(shards[0]["compression"], (folder / zip_info.basename).read_bytes())
+    except Exception as e:  # a damaged shard: say which, not a zstd traceback
+        raise DataError(f"cannot decompress {folder / zip_info.basename}: {e}") from None
+    # MDS shard layout: sample count (u32), then count + 1 offsets (u32) into the shard, then the samples.
+    begin, end = np.frombuffer(data, dtype=np.uint32, count=2, offset=4)
+    return reader.decode_sample(data[int(begin) : int(end)])
+
+
+def _fixed_window_len(index: dict[str, Any]) -> int | None:
+    """The window length when the index itself fixes it: a shaped ``ndarray:<dtype>:<len>`` tokens column."""
+    for shard in index.get("shards", [])[:1]:
+        names, encodings = shard.get("column_names", []), shard.get("column_encodings", [])
+        if TOKENS_COLUMN in names:
+            parts = str(encodings[names.index(TOKENS_COLUMN)]).split(":")
+            if len(parts) == 3 and parts[0] == "ndarray" and parts[2]:
+                return int(np.prod([int(d) for d in parts[2].split(",")]))
+    return None
 
 
 def local_window_len(stream: StreamConfig) -> int | None:
@@ -129,6 +152,9 @@ def local_window_len(stream: StreamConfig) -> int | None:
     index = read_index(folder) if folder is not None else None
     if index is None:
         return None
+    fixed = _fixed_window_len(index)
+    if fixed:
+        return fixed
     sample = first_local_sample(folder, index)
     return None if sample is None else len(tokens_of(sample, str(folder)))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from foundry.config.schema import StreamConfig
+from foundry.config.schema import DataConfig, StreamConfig
 from foundry.data import mds
 from foundry.errors import ConfigError
 
@@ -65,6 +65,37 @@ def tokens_in_source(stream: StreamConfig) -> int | None:
     if stream.tokens is not None:
         return int(round(stream.tokens))
     return None
+
+
+def epoch_tokens(data: DataConfig) -> int | None:
+    """Tokens in one epoch of `data`, as Streaming defines an epoch (None where a size is unknown).
+
+    With proportions an epoch holds as many windows as all streams together (split by proportion);
+    without, each stream's own windows, ``repeat`` times them, or ``choose`` of them.
+    """
+    weighted = normalized_proportions(data.streams, warn=False) is None
+    total = 0
+    for stream in data.streams.values():
+        if weighted and stream.choose is not None:
+            window = mds.local_window_len(stream)
+            if not window:
+                return None
+            total += stream.choose * window
+            continue
+        folder = mds.stream_dir(stream)
+        index = mds.read_index(folder) if folder is not None else None
+        window = mds.local_window_len(stream) if index is not None else None
+        if index is not None and window:
+            samples = mds.index_samples(index)
+            if weighted and stream.repeat is not None:
+                samples = int(stream.repeat * samples)  # Streaming's rounding
+            total += samples * window
+            continue
+        size = tokens_in_source(stream)
+        if size is None:
+            return None
+        total += int(size * (stream.repeat if weighted and stream.repeat is not None else 1))
+    return total
 
 
 def source_shares(

@@ -38,6 +38,7 @@ from foundry.data_prep.tokenization import (
     EncodeOptions,
     TokenizerSpec,
     load_tokenizer_spec,
+    text_ids,
 )
 from foundry.data_prep.workers import OrderedPool, Progress
 from foundry.data_prep.writer import (
@@ -82,6 +83,10 @@ class PrepareOptions:
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
+    # llm-foundry's convert_dataset_* --bos_text/--eos_text: text tokenized and put before / after each
+    # document. None: no BOS text, and the tokenizer's EOS after each document; "" for eos_text: nothing.
+    bos_text: str | None = None
+    eos_text: str | None = None
 
 
 @dataclass
@@ -162,7 +167,7 @@ class _Plan:
 def _select(enc: Encoded, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if mask.all():
         return enc.tokens, enc.lengths
-    token_mask = np.repeat(mask, enc.lengths + 1)
+    token_mask = np.repeat(mask, enc.lengths + enc.overhead)
     return enc.tokens[token_mask], enc.lengths[mask]
 
 
@@ -222,6 +227,8 @@ def _args(source_desc: list, spec: TokenizerSpec, opts: PrepareOptions) -> dict[
         "max_tokens": opts.max_tokens,
         "long_min_tokens": opts.long_min_tokens,
         "compression": opts.compression,
+        **({"bos_text": opts.bos_text} if opts.bos_text is not None else {}),
+        **({"eos_text": opts.eos_text} if opts.eos_text is not None else {}),
     }
 
 
@@ -269,7 +276,15 @@ def check_existing(output: AtomicOutput, args_fp: str, overwrite: bool) -> Prepa
 def tokenize_into(router, plan, spec: TokenizerSpec, opts: PrepareOptions) -> Counter:
     """Every chunk of `plan`, tokenized in input order, into the router's split writers; the skip counts."""
     num_workers = default_num_workers() if opts.num_workers is None else opts.num_workers
-    enc_opts = EncodeOptions(opts.text_field, opts.val_fraction, opts.seed, opts.min_tokens, opts.max_tokens)
+    enc_opts = EncodeOptions(
+        opts.text_field,
+        opts.val_fraction,
+        opts.seed,
+        opts.min_tokens,
+        opts.max_tokens,
+        bos_ids=text_ids(spec, opts.bos_text) or (),
+        eos_ids=text_ids(spec, opts.eos_text),
+    )
     skipped = plan.skipped
     progress = None
     try:

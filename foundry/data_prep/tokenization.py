@@ -133,6 +133,19 @@ class EncodeOptions:
     seed: int = 0
     min_tokens: int = 0
     max_tokens: int | None = None
+    # llm-foundry's converters' --bos_text/--eos_text, as token ids: put before / after every document.
+    # eos_ids None: the tokenizer's EOS ends each document (unless its post-processor adds it already).
+    bos_ids: tuple[int, ...] = ()
+    eos_ids: tuple[int, ...] | None = None
+
+
+def text_ids(spec: TokenizerSpec, text: str | None) -> tuple[int, ...] | None:
+    """The token ids of a --bos-text/--eos-text string (no special tokens added), None for None."""
+    if text is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return tuple(Tokenizer.from_str(spec.json).encode(text, add_special_tokens=False).ids)
 
 
 @dataclass
@@ -140,10 +153,11 @@ class Encoded:
     """One chunk, tokenized: kept documents only, in input order."""
 
     tokens: np.ndarray  # int32: doc0 tokens, EOS, doc1 tokens, EOS, ...
-    lengths: np.ndarray  # int64 tokens per document, EOS not counted
+    lengths: np.ndarray  # int64 tokens per document, EOS (and BOS/EOS text) not counted
     is_val: np.ndarray  # bool per document
     skipped: Counter
     nbytes: int
+    overhead: int = 1  # tokens each document takes in `tokens` beyond its length (EOS, BOS/EOS text)
 
 
 def is_val_document(ident: str, index: int, fraction: float, seed: int) -> bool:
@@ -262,7 +276,13 @@ class DocumentEncoder:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(spec.json)
-        self.eos = [] if spec.appends_eos else [spec.eos_id]
+        self.bos = list(options.bos_ids)
+        if options.eos_ids is None:
+            self.eos = [] if spec.appends_eos else [spec.eos_id]
+            self.own_eos = spec.appends_eos  # the encoding's last token is the EOS, not the document
+        else:
+            self.eos = list(options.eos_ids)
+            self.own_eos = False  # --eos-text given: whatever the tokenizer adds is the document's
         self.options = options
 
     def _encode(self, texts: list[str], skipped: Counter) -> list[list[int] | None]:
@@ -288,7 +308,7 @@ class DocumentEncoder:
         for (ident, index), doc in zip(keys, ids, strict=True):
             if doc is None:
                 continue
-            n = len(doc) - (0 if self.eos else 1)  # the length never counts EOS
+            n = len(doc) - (1 if self.own_eos else 0)  # the length never counts EOS
             if n < opts.min_tokens:
                 skipped["too_short"] += 1
             elif opts.max_tokens is not None and n > opts.max_tokens:
@@ -297,11 +317,13 @@ class DocumentEncoder:
                 kept.append(doc)
                 val.append(is_val_document(ident, index, opts.val_fraction, opts.seed))
         lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
-        if self.eos:
-            pieces = itertools.chain.from_iterable(zip(kept, itertools.repeat(self.eos)))
-        else:
+        if self.own_eos:
             lengths -= 1
-            pieces = iter(kept)
-        total = int(lengths.sum()) + len(kept)
-        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=total)
-        return Encoded(tokens, lengths, np.array(val, dtype=bool), skipped, chunk.nbytes)
+        overhead = len(self.bos) + len(self.eos) + (1 if self.own_eos else 0)
+        if self.bos or self.eos:
+            pieces = itertools.chain.from_iterable(itertools.chain(self.bos, doc, self.eos) for doc in kept)
+        else:
+            pieces = itertools.chain.from_iterable(kept)
+        total = int(lengths.sum()) + overhead * len(kept)
+        tokens = np.fromiter(pieces, dtype=np.int32, count=total)
+        return Encoded(tokens, lengths, np.array(val, dtype=bool), skipped, chunk.nbytes, overhead)

@@ -86,6 +86,7 @@ def evaluate_checkpoint(
     from foundry.checkpoint import checkpoint_config, load_model_weights, resolve_checkpoint
     from foundry.config.load import load_config
     from foundry.config.plan import make_plan
+    from foundry.data.mixture import epoch_tokens
     from foundry.models.build import build_from_state
 
     if overrides and not config:
@@ -99,7 +100,7 @@ def evaluate_checkpoint(
             "--config",
         )
     data_cfg = load_config(config, overrides) if config else run_cfg
-    phase = make_plan(data_cfg).phases[-1]
+    phase = make_plan(data_cfg, epoch_tokens).phases[-1]
     if not phase.data.eval_streams:
         raise ConfigError(
             "no eval streams: set data.eval_streams in the run's YAML or pass --config", "data.eval_streams"

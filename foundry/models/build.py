@@ -63,8 +63,8 @@ def build_model(
 ) -> nn.Module:
     """A model on ``device`` ("meta" for deferred init: ``to_empty`` then ``init_weights``).
 
-    The embedding has model.vocab_size rows if set, else ``vocab_size`` (the tokenizer's), padded to the
-    family's multiple. With ``seed`` (and a real device) the weights are initialized; otherwise call init_weights.
+    The embedding has model.vocab_size rows if set, else ``vocab_size`` (the tokenizer's) padded to
+    model.pad_vocab_size_multiple (default: the family's multiple). With ``seed`` (and a real device) the weights are initialized; otherwise call init_weights.
     """
     fam = family(cfg)
     rows = _embedding_rows(cfg, vocab_size, fam.vocab_multiple)
@@ -98,13 +98,14 @@ def build_from_state(
 
 
 def _embedding_rows(cfg: ModelConfig, tokenizer_vocab: int | None, multiple: int) -> int:
+    """model.vocab_size exactly as given; else the tokenizer's size padded to pad_vocab_size_multiple."""
     if cfg.vocab_size is None and tokenizer_vocab is None:
         raise ConfigError(
             "unknown vocabulary size: set model.vocab_size or give a tokenizer", "model.vocab_size"
         )
     if cfg.vocab_size is None:
-        return padded_rows(tokenizer_vocab, multiple)
-    rows = padded_rows(cfg.vocab_size, multiple)
+        return padded_rows(tokenizer_vocab, cfg.pad_vocab_size_multiple or multiple)
+    rows = cfg.vocab_size
     if tokenizer_vocab is not None and tokenizer_vocab > rows:
         raise ConfigError(
             f"{rows} embedding rows cannot hold the tokenizer's {tokenizer_vocab} tokens; "

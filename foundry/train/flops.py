@@ -63,7 +63,8 @@ def mpt_param_count(cfg: MPTConfig, vocab_size: int) -> int:
     before a model exists. MPT-7B (d 4096, 32 layers, vocab 50432): 6,649,286,656."""
     d = cfg.d_model
     norm_f = d if cfg.no_bias else 2 * d
-    return vocab_size * d + cfg.n_layers * mpt_block_param_count(cfg) + norm_f
+    positions = cfg.max_seq_len * d if cfg.learned_pos_emb else 0  # transformer.wpe
+    return vocab_size * d + positions + cfg.n_layers * mpt_block_param_count(cfg) + norm_f
 
 
 def llama_block_param_count(cfg: LlamaConfig) -> int:

@@ -41,9 +41,9 @@ def check_shards(cfg: TrainConfig, plan: RunPlan, hashes: bool = True) -> None:
 def embedding_rows(cfg: TrainConfig, tokenizer_vocab: int | None) -> int:
     from foundry.models.build import family, padded_rows
 
-    multiple = family(cfg.model).vocab_multiple
+    multiple = cfg.model.pad_vocab_size_multiple or family(cfg.model).vocab_multiple
     if cfg.model.vocab_size:
-        return padded_rows(cfg.model.vocab_size, multiple)
+        return cfg.model.vocab_size  # as given, never padded (build_model's rule: llm-foundry's 50368 stays)
     if tokenizer_vocab is None:
         raise ConfigError(
             "set model.vocab_size or tokenizer.name (the model's vocabulary comes from one of them)",

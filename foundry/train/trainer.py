@@ -23,6 +23,7 @@ from foundry.config.duration import Duration
 from foundry.config.plan import PhasePlan, RunPlan, make_plan
 from foundry.config.schema import TrainConfig
 from foundry.data.fingerprint import check_data_unchanged, data_fingerprint
+from foundry.data.mixture import epoch_tokens
 from foundry.errors import ConfigError, FoundryError
 from foundry.runtime import dist as fdist
 from foundry.runtime.precision import resolve_precision
@@ -33,6 +34,7 @@ from foundry.train.callbacks.evaluation import Evaluation
 from foundry.train.callbacks.icl import ICLEvaluation
 from foundry.train.callbacks.logging import Logging
 from foundry.train.callbacks.throughput import Throughput
+from foundry.train.microbatch import AUTO, find_micro_batch
 from foundry.train.preflight import preflight
 from foundry.train.resume_check import check_run_unchanged, run_identity
 from foundry.train.rundir import agree, as_folder_error, prepare_run_dir
@@ -90,7 +92,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.env = fdist.setup(cfg.device, cfg.dist_timeout_s)
-        self.plan: RunPlan = make_plan(cfg)
+        self.plan: RunPlan = make_plan(cfg, epoch_tokens)
         self.run_dir, self.remote = run_location(cfg.run_dir, cfg.save_local_dir)
         # Every input checked before the folder is taken or the model built (each rank; all agree).
         tokenizer_vocab, rows = agree(
@@ -130,8 +132,14 @@ class Trainer:
         _check_sft_vocabulary(self.plan, self.model.get_input_embeddings().weight.shape[0])
         self.identity = run_identity(cfg, rows)  # stored in every checkpoint, compared on resume
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        first = self.plan.phases[0]
         self.scheduler = build_scheduler(
-            self.optimizer, cfg.scheduler, self.plan.total_steps, self.plan.phases[0].tokens_per_step
+            self.optimizer,
+            cfg.scheduler,
+            self.plan.total_steps,
+            first.tokens_per_step,
+            first.global_batch_rows,
+            first.steps_per_epoch,
         )
         self.checkpointer = Checkpointer(
             store_for(self.run_dir / ckpt.CHECKPOINTS, self.remote),
@@ -158,6 +166,7 @@ class Trainer:
         self.loader_phase: int | None = None
         self._stop = False
         self._current_step = 0  # the step being trained, for error messages
+        self._auto_micro: dict[tuple[int, int], int] = {}  # (seq_len, rows) -> micro-batch rows found
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
@@ -234,7 +243,9 @@ class Trainer:
     def due(self, key: str, phase: PhasePlan) -> bool:
         """Is the step just done a multiple of interval `key` (log/eval/save_interval) in this phase?"""
         interval = self.intervals.get(key)
-        return interval is not None and self.state.step % interval.to_steps(phase.tokens_per_step) == 0
+        if interval is None:
+            return False
+        return self.state.step % max(self.plan.steps_of(interval, phase, key), 1) == 0
 
     def log(self, record: dict) -> None:
         """A metrics record (`step` and values): metrics.jsonl, console, W&B (the Logging callback)."""
@@ -291,6 +302,7 @@ class Trainer:
 
     def _load_weights(self, load_path: str) -> None:
         """Weights only (fresh optimizer), read straight into the sharded model: no rank holds them all."""
+        from foundry.convert.composer import is_composer_checkpoint, load_composer_into
         from foundry.convert.hf import is_hf_folder, load_hf_into
 
         if self.cfg.lora is not None:
@@ -309,6 +321,9 @@ class Trainer:
         if is_hf_folder(load_path):
             load_hf_into(self.model, load_path)
             where = load_path
+        elif is_composer_checkpoint(load_path):  # llm-foundry's ep0-ba60-rank0.pt
+            load_composer_into(self.model, load_path)
+            where = load_path
         else:
             where = ckpt.load_into(self.model, load_path)
         if self.env.is_main:
@@ -326,7 +341,7 @@ class Trainer:
             phase.data,
             seq_len=phase.seq_len,
             global_batch_rows=phase.global_batch_rows,
-            micro_batch_rows=self.cfg.device_train_microbatch_size,
+            micro_batch_rows=self._micro_rows(phase),
             rank=self.env.rank,
             world_size=self.env.world_size,
             seed=self.cfg.seed,
@@ -346,6 +361,27 @@ class Trainer:
                 phase.name,
             )
         return self.loader
+
+    def _micro_rows(self, phase: PhasePlan) -> int:
+        """device_train_microbatch_size, with `auto` probed on the GPU once per phase shape."""
+        micro = self.cfg.device_train_microbatch_size
+        if micro != AUTO:
+            return micro
+        key = (phase.seq_len, phase.global_batch_rows)
+        if key not in self._auto_micro:
+            from foundry.data.geometry import check_batch_split
+
+            check_batch_split(phase.global_batch_rows, 1, self.env.world_size)
+            self._auto_micro[key] = find_micro_batch(
+                self.model,
+                rows_per_rank=phase.global_batch_rows // self.env.world_size,
+                seq_len=phase.seq_len,
+                vocab=self.model.get_input_embeddings().weight.shape[0],
+                env=self.env,
+                precision=self.precision,
+                optimizer_name=self.cfg.optimizer.name,
+            )
+        return self._auto_micro[key]
 
     def _count_bad_step(self, ok: bool) -> None:
         if ok:

@@ -1,10 +1,11 @@
-"""MPT: a decoder-only transformer with ALiBi (mosaicml/llm-foundry's MPT, transformers' MptForCausalLM).
+"""MPT: a decoder-only transformer (mosaicml/llm-foundry's MPT, transformers' MptForCausalLM).
 
-    tokens -> wte -> [block: x + attn(norm_1(x)); x + ffn(norm_2(x))] * n_layers -> norm_f -> x @ wte.T
+    tokens -> wte (+ wpe) -> [block: x + attn(norm_1(x)); x + ffn(norm_2(x))] * n_layers -> norm_f -> x @ wte.T
 
-There is no positional embedding: position enters as ALiBi, a per-head linear bias on the attention scores
-(foundry/models/attention.py). Parameter names match the released MPT checkpoints, so weights move to and
-from Hugging Face unchanged (foundry/convert/hf.py).
+Position enters as ALiBi, a per-head linear bias on the attention scores (foundry/models/attention.py;
+the released MPT models), or as learned positional embeddings ``transformer.wpe`` added to the token
+embeddings (llm-foundry's default). Parameter names match MPT checkpoints, so weights move to and from
+Hugging Face unchanged (foundry/convert/hf.py).
 """
 
 from __future__ import annotations
@@ -102,12 +103,20 @@ class MPTModel(nn.Module):
     def __init__(self, cfg: MPTConfig, vocab_size: int):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
+        if cfg.learned_pos_emb:
+            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(cfg, layer) for layer in range(cfg.n_layers))
         self.norm_f = build_norm(cfg.norm_type, cfg.d_model, cfg.layer_norm_epsilon, bias=not cfg.no_bias)
 
-    def forward(self, input_ids: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        x = self.emb_drop(self.wte(input_ids))
+    def forward(
+        self, input_ids: torch.Tensor, plan: AttentionPlan, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``positions`` ([S] or [B, S]): what the learned positional embeddings look up (if the model has them)."""
+        x = self.wte(input_ids)
+        if hasattr(self, "wpe"):
+            x = x + self.wpe(positions)
+        x = self.emb_drop(x)
         for block in self.blocks:
             x = block(x, plan)
         return self.norm_f(x)
@@ -122,7 +131,7 @@ class MPTForCausalLM(nn.Module):
                 "unknown vocabulary size: set model.vocab_size or give a tokenizer", "model.vocab_size"
             )
         self.cfg = cfg
-        self.vocab_size = padded_vocab_size(vocab_size)
+        self.vocab_size = vocab_size  # rows as given: build_model pads a tokenizer's size
         self.transformer = MPTModel(cfg, self.vocab_size)
         self._slopes: dict = {}  # ALiBi slopes by device
         self._block_masks: dict = {}  # flex BlockMasks by (seq_len, device), shared by all layers and steps
@@ -163,23 +172,34 @@ class MPTForCausalLM(nn.Module):
         """Logits [B, S, V]; with ``labels`` (aligned targets, -100 = ignore) the mean loss instead.
 
         ``seq_ids`` [B, S]: packed sequences, kept apart (foundry/data/batches.py). ``position_ids``
-        is accepted for the batch contract and not needed: ALiBi sees only the distance between two
-        tokens, which is the same within a sequence whether positions restart or not. ``cache``: a
+        [B, S]: what learned positional embeddings look up (as llm-foundry's MPT does when given them;
+        default: 0.. S-1 after the cache's positions); ALiBi does not need them, it sees only the distance
+        between two tokens, the same within a sequence whether positions restart or not. ``cache``: a
         KVCache of earlier positions (generation); this forward's keys/values are appended to it.
         """
-        del position_ids
         seq_len = input_ids.shape[1]
-        total = seq_len + (cache.length if cache is not None else 0)
+        past = cache.length if cache is not None else 0
+        total = seq_len + past
         if total > self.cfg.max_seq_len:
             raise FoundryError(
                 f"sequence length {total} exceeds model.max_seq_len {self.cfg.max_seq_len}; "
-                "raise model.max_seq_len (ALiBi extrapolates to longer sequences)"
+                + (
+                    "a model with learned positional embeddings has no positions beyond it"
+                    if self.cfg.learned_pos_emb
+                    else "raise model.max_seq_len (ALiBi extrapolates to longer sequences)"
+                )
             )
         device = input_ids.device
+        positions = None
+        if self.cfg.learned_pos_emb:
+            positions = position_ids if position_ids is not None else torch.arange(past, total, device=device)
         slopes = self._slopes.get(device)
         if slopes is None:  # a few tiny kernels; once per device, not once per forward
-            slopes = self._slopes[device] = alibi_slopes(
-                self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device
+            # Without ALiBi (learned positions) the slopes are zeros: the same kernels, a zero bias.
+            slopes = self._slopes[device] = (
+                alibi_slopes(self.cfg.n_heads, self.cfg.attn_config.alibi_bias_max, device=device)
+                if self.cfg.attn_config.alibi
+                else torch.zeros(self.cfg.n_heads, device=device)
             )
         plan = plan_attention(
             self.attn_impl(device),
@@ -191,7 +211,7 @@ class MPTForCausalLM(nn.Module):
             seq_ids=seq_ids,
             cache=cache,
         )
-        hidden = self.transformer(input_ids, plan)
+        hidden = self.transformer(input_ids, plan, positions)
         if cache is not None:
             cache.advance(seq_len)
         lm_weight = embedding_matrix(
