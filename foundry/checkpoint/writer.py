@@ -23,16 +23,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from foundry.checkpoint.digests import torch_save_bytes, write_file
 from foundry.checkpoint.layout import (
     CONFIG_FILE,
     TRAINER_STATE,
-    digest_files,
     finalize,
-    owned_files,
     rng_file,
     step_dir,
     verify,
 )
+from foundry.checkpoint.shards import default_thread_count, write_shards
+from foundry.checkpoint.staging import StagedState, Stager
 from foundry.checkpoint.storage import LocalStore
 from foundry.errors import CheckpointError, FoundryError
 from foundry.runtime import dist as fdist
@@ -65,7 +66,7 @@ def load(path: Path, app_state: dict[str, Any], rank: int = 0) -> tuple[dict[str
 class _Pending:
     step: int
     tmp: Path
-    job: Future  # this rank's share: shards durable (and uploaded); returns {file: [size, crc32]}
+    job: Future  # this rank's share: shards durable (and uploaded); returns {file: [size, checksum]}
 
 
 class Checkpointer:
@@ -82,6 +83,7 @@ class Checkpointer:
         keep: int = -1,
         use_async: bool = False,
         run_dir: Path | None = None,
+        thread_count: int | None = None,
     ):
         self.store = store
         self.root = store.root
@@ -96,6 +98,10 @@ class Checkpointer:
         self._group = fdist.new_cpu_group() if env.distributed else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foundry-checkpoint")
         self._pending: _Pending | None = None
+        # Host copies of the state, reused by every save (foundry/checkpoint/staging.py), and the writer
+        # threads per rank (foundry/checkpoint/shards.py).
+        self._stager = Stager()
+        self.thread_count = thread_count or default_thread_count(env.local_world_size)
 
     # ---------------------------------------------------------------- save
     def save(
@@ -115,34 +121,49 @@ class Checkpointer:
             tmp.mkdir(parents=True)
             self.store.begin(step)
         fdist.barrier(self._group)
-        torch.save(rng_state, tmp / rng_file(self.env.rank))
+        # The small files, written and checksummed here (each durable before the marker can exist).
+        small = {
+            rng_file(self.env.rank): write_file(tmp / rng_file(self.env.rank), torch_save_bytes(rng_state))
+        }
         if self.env.is_main:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-        if self.use_async and not blocking:
-            response = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group)
-            job = self._pool.submit(self._write_share, step, tmp, response)
+            small[TRAINER_STATE] = write_file(tmp / TRAINER_STATE, torch_save_bytes(trainer_state))
+            small[CONFIG_FILE] = write_file(tmp / CONFIG_FILE, config_yaml.encode())
+        state = {key: value.state_dict() for key, value in app_state.items()}  # what dcp.save would take
+        background = self.use_async and not blocking
+        if background or self.env.device.type == "cuda":
+            # Host copies of the tensors (on CUDA queued on a side stream: the loop does not wait).
+            staged = self._stager.stage(state)
+        else:
+            staged = StagedState(state)  # a blocking save on a CPU: nothing changes the tensors meanwhile
+        if background:
+            job = self._pool.submit(self._write_share, step, tmp, staged, small)
         else:
             job = Future()
             try:
-                with single_process_quiet():
-                    dcp.save(app_state, checkpoint_id=str(tmp), process_group=self._group)
-                job.set_result(self._write_share(step, tmp, None))
+                job.set_result(self._write_share(step, tmp, staged, small))
             except LOAD_ERRORS as e:  # reported to every rank by finish()
                 job.set_exception(e)
         self._pending = _Pending(step, tmp, job)
         if blocking or not self.use_async:
             self.finish()
 
-    def _write_share(self, step: int, tmp: Path, response) -> dict[str, list[int]]:
-        """This rank's part of a checkpoint, after DCP wrote (and fsynced) its shards."""
-        if response is not None:  # torch >= 2.9 may answer with staging/upload futures
-            getattr(response, "upload_completion", response).result()
+    def _write_share(
+        self, step: int, tmp: Path, staged: StagedState, small: dict[str, list]
+    ) -> dict[str, list]:
+        """This rank's part of a checkpoint: its shards, durable and checksummed as written."""
+        staged.wait()
+        digests = write_shards(
+            staged.state_dict,
+            tmp,
+            process_group=self._group,
+            thread_count=self.thread_count,
+            # One process (a 1-rank group too): no collectives, none from this thread on the training group.
+            no_dist=self.env.world_size == 1,
+        )
         for hook in self.on_share_written:
             hook(step, tmp)
-        names = owned_files(tmp, self.env.rank)
-        digests = digest_files(tmp, names)
-        self.store.share_written(tmp, names, step)
+        digests.update(small)
+        self.store.share_written(tmp, sorted(digests), step)
         return digests
 
     @property
@@ -173,7 +194,8 @@ class Checkpointer:
         final = step_dir(self.root, pending.step)
         if self.env.is_main:
             digests = {name: d for _, ds in shares for name, d in ds.items()}
-            finalize(pending.tmp, final, pending.step, digests, self.env.world_size)
+            # Every file was fsynced by its writer: finalize only syncs the folder before the rename.
+            finalize(pending.tmp, final, pending.step, digests, self.env.world_size, synced=True)
             self.store.published(final, pending.step, digests, self.keep, self.run_dir)
         fdist.barrier(self._group)
         if self.env.is_local_leader:
@@ -186,6 +208,7 @@ class Checkpointer:
             self.finish()
         finally:
             self._pool.shutdown(wait=True)
+            self._stager.close()  # gives the host buffers back
 
     def abandon(self) -> None:
         """After an error: no collective, no marker; a write in flight stays an ignored ``.tmp`` folder."""
