@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from foundry.config.checks import one_of, positive
 from foundry.errors import ConfigError
 
-ATTN_IMPLS = ("auto", "torch", "flex", "flash")
+ATTN_IMPLS = ("auto", "torch", "flex", "flash", "triton")
 
 
 @dataclass

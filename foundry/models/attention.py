@@ -3,6 +3,7 @@
 - ``torch``: ``F.scaled_dot_product_attention`` with a materialized ALiBi + causal bias (portable; the CPU path).
 - ``flex``: FlexAttention, ALiBi as a ``score_mod`` and causality as a ``BlockMask`` (one fused kernel).
 - ``flash``: flash-attn 2 with ``alibi_slopes`` (optional package).
+- ``triton``: foundry's own fused ALiBi kernel, forward and backward (foundry/models/kernels/alibi_attention.py).
 - ``auto``: flex on CUDA, torch elsewhere.
 
 ALiBi follows MPT (and HF's ``build_mpt_alibi_tensor``): head h adds ``slope_h * (key_pos - query_pos)`` to the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +65,14 @@ def resolve_attn_impl(impl: str, device: torch.device | str, dropout_p: float = 
                 "attn_impl=flash needs the flash-attn package (pip install flash-attn --no-build-isolation); "
                 "or set model.attn_config.attn_impl: flex"
             )
-    if impl == "flex" and dropout_p > 0:
-        raise FoundryError("attn_impl=flex has no attention dropout; set attn_pdrop: 0 or attn_impl: torch")
-    if impl not in ("torch", "flex", "flash"):
-        raise FoundryError(f"unknown attn_impl {impl!r}; use auto, torch, flex or flash")
+    if impl in ("flex", "triton") and dropout_p > 0:
+        raise FoundryError(
+            f"attn_impl={impl} has no attention dropout; set attn_pdrop: 0 or attn_impl: torch"
+        )
+    if impl == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise FoundryError("attn_impl=triton needs a CUDA device; use attn_impl: auto or torch on CPU")
+    if impl not in ("torch", "flex", "flash", "triton"):
+        raise FoundryError(f"unknown attn_impl {impl!r}; use auto, torch, flex, flash or triton")
     return impl
 
 
@@ -157,6 +163,10 @@ def attend(
             q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=True, alibi_slopes=plan.slopes
         )
         return out.to(dtype)
+    if plan.impl == "triton":
+        from foundry.models.kernels.alibi_attention import alibi_attention
+
+        return alibi_attention(q, k, v, plan.slopes, scale)  # reads and writes [B, S, H, D] as they lie
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     if plan.impl == "flex":
