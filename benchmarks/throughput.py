@@ -60,19 +60,29 @@ def bool_arg(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="a yamls/model/*.yaml name, or a path to such a file")
+    p.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one model config key (dotted, YAML value), e.g. attn_config.qk_ln=true (what a "
+        "recipe's `model:` section changes); repeatable",
+    )
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch (per GPU)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "flex", "torch", "flash"])
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "flex", "torch", "flash", "triton"])
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile each block (default: on for CUDA, off on CPU)",
     )
-    p.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument(
+        "--activation-checkpointing", default="none", choices=["none", "full", "selective", "selective_op"]
+    )
     p.add_argument("--ac-every", type=int, default=2, help="selective AC: checkpoint every k-th block")
     p.add_argument(
         "--fused-ce",
@@ -115,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --- config ----------------------------------------------------------------------------------------------
 
 
-def load_preset(name: str) -> ModelConfig:
+def load_preset(name: str, sets: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    """A yamls/model preset (or a YAML file), with ``KEY=VALUE`` overrides of its keys applied."""
     import yaml
 
     path = Path(name)
@@ -123,6 +134,15 @@ def load_preset(name: str) -> ModelConfig:
         path = ROOT / "yamls" / "model" / f"{name}.yaml"
     with open(path) as f:
         data = yaml.safe_load(f)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-set {item!r}: write KEY=VALUE, e.g. attn_config.qk_ln=true")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     return from_dict(ModelConfig, data, "model")
 
 
@@ -151,6 +171,7 @@ def variant_args(base: argparse.Namespace, spec: str, parser: argparse.ArgumentP
         else:
             argv += [f"--{key}", value]
     args = argparse.Namespace(**vars(base))
+    args.model_set = list(base.model_set)  # append-actions must not grow the base variant's list
     parser.parse_args(argv, namespace=args)
     args.label = spec
     return args
@@ -200,7 +221,7 @@ def peak_memory(device: torch.device) -> tuple[float | None, float | None]:
 
 
 def checkpointed_blocks(args, n_layers: int) -> int:
-    if args.activation_checkpointing == "full":
+    if args.activation_checkpointing in ("full", "selective_op"):
         return n_layers
     if args.activation_checkpointing == "selective":
         return math.ceil(n_layers / args.ac_every)
@@ -231,13 +252,22 @@ def summarize(args, env, cfg: ModelConfig, n_params: int, times, losses, first, 
     elapsed = sum(times)
     tokens_per_s = tokens_per_step * len(times) / elapsed if elapsed else 0.0
     per_token = flops.flops_per_token(cfg, n_params, args.seq_len)
-    recompute = flops.recompute_flops_per_token(cfg, args.seq_len, checkpointed_blocks(args, cfg.n_layers))
+    recompute = flops.recompute_flops_per_token(
+        cfg,
+        args.seq_len,
+        checkpointed_blocks(args, cfg.n_layers),
+        attention=args.activation_checkpointing != "selective_op",
+    )
     peak = flops.peak_flops(device)
     mem, reserved = peak_memory(device)
     return {
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_median_step": tokens_per_step / statistics.median(times) if times else 0.0,
         "mfu": flops.mfu(tokens_per_s, per_token, peak),
+        # llm-foundry's convention: attention counted as the full square (its published MFUs)
+        "mfu_full_square": flops.mfu(
+            tokens_per_s, flops.flops_per_token(cfg, n_params, args.seq_len, causal=False), peak
+        ),
         "hfu": flops.hfu(tokens_per_s, per_token, peak, recompute),
         "peak_mem_gb": mem,
         "peak_reserved_gb": reserved,
@@ -261,7 +291,7 @@ def lion_fused(optimizer) -> bool | None:
 
 
 def run_foundry(args, env: fdist.DistEnv) -> dict:
-    cfg = load_preset(args.model)
+    cfg = load_preset(args.model, args.model_set)
     if args.attn_impl != "auto":
         cfg.attn_config.attn_impl = args.attn_impl
     cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)  # ALiBi: the preset's length is no limit
@@ -450,11 +480,14 @@ def describe(args) -> str:
         f"AC {args.activation_checkpointing}"
         + (f"/{args.ac_every}" if args.activation_checkpointing == "selective" else ""),
     ]
+    if args.attn_impl != "auto":
+        parts.append(f"attn {args.attn_impl}")
+    parts += list(args.model_set)
     return ", ".join(parts)
 
 
 def print_table(rows: list[tuple[str, dict]], base, file=sys.stdout, footer: bool = True) -> None:
-    head = f"{'variant':<64} {'tok/s/GPU':>10} {'MFU':>6} {'HFU':>6} {'peak GB':>8} {'step s':>7} {'1st s':>6} {'loss':>13}"
+    head = f"{'variant':<64} {'tok/s/GPU':>10} {'MFU':>6} {'MFU-sq':>6} {'HFU':>6} {'peak GB':>8} {'step s':>7} {'1st s':>6} {'loss':>13}"
     print(head, file=file)
     print("-" * len(head), file=file)
     for label, r in rows:
@@ -465,15 +498,17 @@ def print_table(rows: list[tuple[str, dict]], base, file=sys.stdout, footer: boo
         loss = f"{losses[0]:.3f}->{losses[-1]:.3f}" if losses else "-"
         mfu = fmt(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f")
         hfu = fmt(r["hfu"] * 100 if r["hfu"] is not None else None, ".1f")
+        square = r.get("mfu_full_square")
+        square = fmt(square * 100 if square is not None else None, ".1f")
         print(
-            f"{label[:64]:<64} {r['tokens_per_s']:>10,.0f} {mfu:>6} {hfu:>6} {fmt(r['peak_mem_gb'], '.1f'):>8} "
+            f"{label[:64]:<64} {r['tokens_per_s']:>10,.0f} {mfu:>6} {square:>6} {hfu:>6} {fmt(r['peak_mem_gb'], '.1f'):>8} "
             f"{fmt(r['step_s_median'], '.3f'):>7} {fmt(r['first_step_s'], '.1f'):>6} {loss:>13}",
             file=file,
         )
     first = next((r for _, r in rows if "error" not in r), None)
     if first is None or not footer:
         return
-    cfg = load_preset(base.model)
+    cfg = load_preset(base.model, base.model_set)
     n = first["n_params"]
     print(
         f"\nMFU = tokens/s/GPU x FLOPs/token / peak. FLOPs/token = 6*N + 12*layers*d_model*seq/2 (causal):\n"
