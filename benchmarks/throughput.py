@@ -173,7 +173,7 @@ def variant_args(base: argparse.Namespace, spec: str, parser: argparse.ArgumentP
     args = argparse.Namespace(**vars(base))
     args.model_set = list(base.model_set)  # append-actions must not grow the base variant's list
     parser.parse_args(argv, namespace=args)
-    args.label = spec
+    args.label = f"{base.label} {spec}" if base.label else spec
     return args
 
 
@@ -462,6 +462,13 @@ def profile_steps(step_fn, n: int, device: torch.device) -> dict:
         "device_ms_per_step": total,
         "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n_[:140], "ms": ms, "calls": c} for n_, ms, c in rows[:20]],
+        # The memory-bound kernels by name: inductor names a fused kernel after the ops it fused
+        # (e.g. triton_red_fused_add_native_layer_norm_...: a residual add inside a LayerNorm's kernel).
+        "memory_bound_kernels": [
+            {"name": n_[:160], "ms": ms, "calls": c}
+            for n_, ms, c in rows
+            if not any(k in n_.lower() for k in CATEGORIES[0][1] + CATEGORIES[1][1])
+        ][:40],
     }
 
 
@@ -541,16 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     base = parser.parse_args(argv)
     env = fdist.setup(base.device)
-    if base.fsdp and env.world_size == 1 and not torch.distributed.is_initialized():
+    if base.fsdp:
         # One GPU with --fsdp: a 1-rank group, so parallelize applies FSDP2 (bf16 compute copies of fp32
-        # params, bf16 gradient accumulation: what every rank of an N-GPU run computes).
-        torch.distributed.init_process_group(
-            "nccl" if env.device.type == "cuda" else "gloo",
-            store=torch.distributed.HashStore(),
-            rank=0,
-            world_size=1,
-            device_id=env.device if env.device.type == "cuda" else None,
-        )
+        # params, bf16 gradient accumulation: what every rank of an N-GPU run computes; the trainer's
+        # fsdp_config.single_gpu_fsdp).
+        fdist.init_single_rank_group(env)
     try:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -113,7 +113,11 @@ def test_an_async_save_writes_the_values_of_its_step_not_later_ones(tmp_path):
 def test_staging_buffers_are_reused_and_remade_when_the_state_changes_shape():
     stager = Stager()
     a = _state()
+    stager.prepare({"model": a["model"]})  # before the optimizer has state: the model's buffers only
+    prepared = stager.host_bytes
+    assert prepared == sum(t.nbytes for t in a["model"].values())
     first = stager.stage(a).state_dict
+    assert stager.host_bytes > prepared  # the optimizer's buffers were added, the model's kept
     assert first["model"]["w"] is not a["model"]["w"] and torch.equal(first["model"]["w"], a["model"]["w"])
     assert first["optim"]["param_groups"][0]["lr"] == 0.5
     a["model"]["w"].mul_(2)

@@ -87,3 +87,8 @@ def test_a_tiny_variant_runs_on_the_cpu_from_saved_weights(tmp_path, caplog):
     assert f"loaded weights from {weights}" in caplog.text
     assert [ckpt.step_of(p) for p in ckpt.list_complete(run / "checkpoints")] == [2, 4]
     assert ckpt.verify(ckpt.step_dir(run / "checkpoints", 4)) == (True, "")
+    assert "FSDP2 FULL_SHARD: mesh replicate=1 x shard=1" in caplog.text  # single_gpu_fsdp, on a CPU
+
+    # The same command again with a longer duration resumes from its last checkpoint (a 1-rank group).
+    more = train(load_config(RECIPE, [*overrides, "max_duration=6ba"]))
+    assert more.step == 6 and f"resumed from {ckpt.step_dir(run / 'checkpoints', 4)}" in caplog.text

@@ -34,27 +34,6 @@ def _is_dtensor(obj) -> bool:
     return isinstance(obj, DTensor)
 
 
-def _signature(obj):
-    """Structure, shapes and dtypes: buffers are reused only for a state dict of the same signature."""
-    if isinstance(obj, dict):
-        return tuple((k, _signature(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, tuple(_signature(v) for v in obj))
-    if _is_dtensor(obj):
-        local = obj._local_tensor
-        return (
-            "dtensor",
-            tuple(obj.shape),
-            tuple(local.shape),
-            local.dtype,
-            local.device.type,
-            str(obj.placements),
-        )
-    if isinstance(obj, torch.Tensor):
-        return ("tensor", tuple(obj.shape), obj.dtype, obj.device.type)
-    return "value"
-
-
 def _host_buffer(t: torch.Tensor, pin: bool) -> torch.Tensor:
     if pin:
         try:
@@ -64,37 +43,25 @@ def _host_buffer(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype)
 
 
-def _make_buffers(obj, pin: bool):
-    if isinstance(obj, dict):
-        return {k: _make_buffers(v, pin) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_make_buffers(v, pin) for v in obj)
-    if _is_dtensor(obj):
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _fits(buf, t: torch.Tensor) -> bool:
+    if buf is None or _is_dtensor(buf) != _is_dtensor(t):
+        return False
+    a, b = _local(buf), _local(t)
+    return a.shape == b.shape and a.dtype == b.dtype and (not _is_dtensor(t) or buf._spec == t._spec)
+
+
+def _new_buffer(t: torch.Tensor, pin: bool):
+    if _is_dtensor(t):
         from torch.distributed.tensor import DTensor
 
         # The same sharding spec over a host copy of this rank's shard: DCP writes a DTensor from its
         # spec and its local tensor, so the copy saves exactly as the original would.
-        return DTensor(_host_buffer(obj._local_tensor, pin), obj._spec, requires_grad=False)
-    if isinstance(obj, torch.Tensor):
-        return _host_buffer(obj, pin)
-    return None
-
-
-def _copy_into(obj, buf, non_blocking: bool, stream):
-    """`obj` with every tensor replaced by its buffer, filled with the tensor's values."""
-    if isinstance(obj, dict):
-        return {k: _copy_into(v, buf[k], non_blocking, stream) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copy_into(v, b, non_blocking, stream) for v, b in zip(obj, buf, strict=True))
-    if isinstance(obj, torch.Tensor):
-        src = obj._local_tensor if _is_dtensor(obj) else obj
-        dst = buf._local_tensor if _is_dtensor(buf) else buf
-        src = src.detach()
-        if stream is not None and src.is_cuda:
-            src.record_stream(stream)  # the allocator must not hand this memory out before the copy ran
-        dst.copy_(src, non_blocking=non_blocking and src.is_cuda)
-        return buf
-    return obj  # ints, floats, strings, None: values, taken now
+        return DTensor(_host_buffer(t._local_tensor, pin), t._spec, requires_grad=False)
+    return _host_buffer(t, pin)
 
 
 @dataclass
@@ -116,53 +83,59 @@ class StagedState:
 
 
 class Stager:
-    """Host buffers for one run's checkpoints, reused across saves (a new signature reallocates)."""
+    """Host buffers for one run's checkpoints, one per tensor of the state dict (by its place in it),
+    reused by every save; a tensor whose shape or dtype changed gets a new one."""
 
     def __init__(self, overlap: bool = True):
         self.overlap = overlap  # False: the loop waits for the device-to-host copies (for measuring)
-        self._signature = None
-        self._buffers = None
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self._stream = None
         self._last: StagedState | None = None
 
     @property
     def host_bytes(self) -> int:
-        total = 0
+        return sum(_local(b).nbytes for b in self._buffers.values())
 
-        def walk(o):
-            nonlocal total
-            if isinstance(o, dict):
-                for v in o.values():
-                    walk(v)
-            elif isinstance(o, (list, tuple)):
-                for v in o:
-                    walk(v)
-            elif isinstance(o, torch.Tensor):
-                total += (o._local_tensor if _is_dtensor(o) else o).nbytes
+    def _walk(self, obj, path: tuple, copy: bool, stream):
+        """`obj` with every tensor replaced by its buffer (filled with the tensor's values when `copy`)."""
+        if isinstance(obj, dict):
+            return {k: self._walk(v, (*path, k), copy, stream) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._walk(v, (*path, i), copy, stream) for i, v in enumerate(obj))
+        if not isinstance(obj, torch.Tensor):
+            return obj  # ints, floats, strings, None: values, taken now
+        buf = self._buffers.get(path)
+        if not _fits(buf, obj):
+            buf = self._buffers[path] = _new_buffer(
+                obj, pin=_local(obj).is_cuda and torch.cuda.is_available()
+            )
+        if copy:
+            src = _local(obj).detach()
+            if stream is not None and src.is_cuda:
+                src.record_stream(stream)  # the allocator must not hand this memory out before the copy ran
+            _local(buf).copy_(src, non_blocking=src.is_cuda)
+        return buf
 
-        walk(self._buffers)
-        return total
+    @torch.no_grad()
+    def prepare(self, state_dict: dict) -> None:
+        """Allocate the buffers now (pinning 10 GB takes seconds): the first save then only copies."""
+        self._walk(state_dict, (), copy=False, stream=None)
 
     @torch.no_grad()
     def stage(self, state_dict: dict) -> StagedState:
         if self._last is not None:  # a previous staging's copies must be done before its buffers are reused
             self._last.wait()
             self._last.release_hook()
-        signature = _signature(state_dict)
-        cuda = any("cuda" in str(s) for s in _flatten_sig(signature))
-        if signature != self._signature:
-            self._buffers = _make_buffers(state_dict, pin=cuda and torch.cuda.is_available())
-            self._signature = signature
+        cuda = any(_local(t).is_cuda for t in _tensors(state_dict))
         if not cuda:
-            staged = StagedState(_copy_into(state_dict, self._buffers, False, None))
+            staged = StagedState(self._walk(state_dict, (), copy=True, stream=None))
             self._last = staged
             return staged
         if self._stream is None:
             self._stream = torch.cuda.Stream()
-        main = torch.cuda.current_stream()
-        self._stream.wait_stream(main)  # copy the values after the step that produced them
+        self._stream.wait_stream(torch.cuda.current_stream())  # copy the values after the step that made them
         with torch.cuda.stream(self._stream):
-            copied = _copy_into(state_dict, self._buffers, True, self._stream)
+            copied = self._walk(state_dict, (), copy=True, stream=self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)
         staged = StagedState(copied, event)
@@ -178,15 +151,18 @@ class Stager:
             self._last.wait()
             self._last.release_hook()
             self._last = None
-        self._buffers = self._signature = None
+        self._buffers = {}
 
 
-def _flatten_sig(sig):
-    if isinstance(sig, tuple):
-        for s in sig:
-            yield from _flatten_sig(s)
-    else:
-        yield sig
+def _tensors(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, torch.Tensor):
+        yield obj
 
 
 def _wait_before_update(staged: StagedState):

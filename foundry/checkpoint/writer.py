@@ -121,13 +121,11 @@ class Checkpointer:
             tmp.mkdir(parents=True)
             self.store.begin(step)
         fdist.barrier(self._group)
-        # The small files, written and checksummed here (each durable before the marker can exist).
-        small = {
-            rng_file(self.env.rank): write_file(tmp / rng_file(self.env.rank), torch_save_bytes(rng_state))
-        }
+        # The small files, serialized now (their values are this step's), written with the shards.
+        small = {rng_file(self.env.rank): torch_save_bytes(rng_state)}
         if self.env.is_main:
-            small[TRAINER_STATE] = write_file(tmp / TRAINER_STATE, torch_save_bytes(trainer_state))
-            small[CONFIG_FILE] = write_file(tmp / CONFIG_FILE, config_yaml.encode())
+            small[TRAINER_STATE] = torch_save_bytes(trainer_state)
+            small[CONFIG_FILE] = config_yaml.encode()
         state = {key: value.state_dict() for key, value in app_state.items()}  # what dcp.save would take
         background = self.use_async and not blocking
         if background or self.env.device.type == "cuda":
@@ -148,9 +146,10 @@ class Checkpointer:
             self.finish()
 
     def _write_share(
-        self, step: int, tmp: Path, staged: StagedState, small: dict[str, list]
+        self, step: int, tmp: Path, staged: StagedState, small: dict[str, bytes]
     ) -> dict[str, list]:
-        """This rank's part of a checkpoint: its shards, durable and checksummed as written."""
+        """This rank's part of a checkpoint: its shards and small files, durable and checksummed as written."""
+        written = {name: write_file(tmp / name, data) for name, data in small.items()}
         staged.wait()
         digests = write_shards(
             staged.state_dict,
@@ -162,9 +161,15 @@ class Checkpointer:
         )
         for hook in self.on_share_written:
             hook(step, tmp)
-        digests.update(small)
+        digests.update(written)
         self.store.share_written(tmp, sorted(digests), step)
         return digests
+
+    def prepare(self, app_state: dict[str, Any]) -> None:
+        """Allocate the host staging buffers ahead of the first save (on CUDA: pinning the state's size in
+        host memory takes seconds), so that no save pays for it. Call once the optimizer has its state."""
+        if self.env.device.type == "cuda":
+            self._stager.prepare({key: value.state_dict() for key, value in app_state.items()})
 
     @property
     def pending(self) -> bool:

@@ -91,6 +91,8 @@ class Trainer:
 
         self.cfg = cfg
         self.env = fdist.setup(cfg.device, cfg.dist_timeout_s)
+        if cfg.fsdp_config.single_gpu_fsdp:
+            fdist.init_single_rank_group(self.env)  # FSDP2 on one device (config/schema.py says why)
         self.plan: RunPlan = make_plan(cfg)
         self.run_dir, self.remote = run_location(cfg.run_dir, cfg.save_local_dir)
         self.precision = resolve_precision(cfg.precision, self.env.device)
