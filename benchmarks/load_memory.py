@@ -111,12 +111,7 @@ def rank_main(args) -> None:
     for name, param in model.state_dict().items():
         full_sum = param.full_tensor() if isinstance(param, DTensor) else param
         ok &= abs(float(full_sum.double().sum()) - sums[name]) <= 1e-6 * max(1.0, abs(sums[name]))
-    record = {
-        "rank": env.rank,
-        "mode": args.mode,
-        "before_gb": before * 1024 / GB,
-        "peak_gb": peak * 1024 / GB,
-    }
+    record = {"rank": env.rank, "mode": args.mode, "before_gb": before * 1024 / GB, "peak_gb": peak * 1024 / GB}
     record["extra_gb"] = record["peak_gb"] - record["before_gb"]
     record["weights_equal_source"] = bool(ok)
     records = fdist.all_gather_object(record)
@@ -127,9 +122,7 @@ def rank_main(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mpt-1b")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--work", default=None, help="folder for the source weights (default: a temp folder)")
@@ -145,13 +138,7 @@ def main() -> None:
     print(f"model {args.model}: {size / GB:.2f} GB of fp32 weights; {args.nproc} ranks (gloo, CPU)")
     print(f"{'mode':6} {'rank':>4} {'before GB':>10} {'peak GB':>8} {'extra GB':>9}  weights ok")
     for mode in args.modes.split(","):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.nproc}",
-        ]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
         cmd += [__file__, "--model", args.model, "--work", str(work), "--mode", mode]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
