@@ -77,7 +77,7 @@ class Session:
             return None
         self.log(f"== {name} (limit {limit:.0f} s): {' '.join(cmd)}")
         t0 = time.time()
-        full_env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1", "COLUMNS": "300", **(env or {})}
         try:
             proc = subprocess.run(
                 cmd, cwd=ROOT, env=full_env, timeout=limit, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -240,13 +240,19 @@ def ceilings(s: Session) -> None:
         s.record({"kind": "ceilings", **json.loads(r[2].split("CEILINGS ", 1)[1].splitlines()[0])})
 
 
-def attention(s: Session, cap: float) -> None:
+KEY_ROUTES = "sdpa_bias,flex,triton,triton_tuned,fa4,sdpa_causal"
+FLEX_OPTION_ROUTES = "flex:f128x64_b64x128,flex:f128x128_b32x128"
+
+
+def attention(s: Session, cap: float, routes: str, shapes: str, tag: str) -> None:
+    """benchmarks/attention_speed.py in a child; rows appended to attention.jsonl (kept for later calls)."""
     cmd = [sys.executable, "benchmarks/attention_speed.py", "--jsonl", str(s.out / "attention.jsonl")]
     if s.dry:
         cmd.append("--dry")
     else:
-        cmd += ["--shapes", "1b-2k,1b-8k,7b-65k,125m-8k", "--budget", str(min(cap, s.left()) - 15)]
-    r = s.run("attention kernels: checked, then timed", cmd, cap, 40)
+        limit = min(cap, s.left() - 5)
+        cmd += ["--shapes", shapes, "--routes", routes, "--routes-65k", routes, "--budget", str(limit - 15)]
+    r = s.run(f"attention kernels ({tag}): checked, then timed", cmd, cap, 40)
     if r and (s.out / "attention.jsonl").is_file():
         shutil.copy(s.out / "attention.jsonl", STATE / "attention.jsonl")
 
@@ -263,7 +269,7 @@ def best_attention(s: Session) -> str:
         tri = min((by[k]["fwd_bwd_ms"] for k in ("triton", "triton_tuned") if k in by), default=None)
         if tri is not None and "flex" in by and tri < by["flex"]["fwd_bwd_ms"]:
             wins += 1
-    choice = "triton" if wins >= 2 else "auto"
+    choice = "triton" if wins >= 2 or s.dry else "auto"  # the dry run takes the triton paths too
     s.log(f"attention for the rows below: {choice} (triton faster than flex on {wins} of 3 shapes)")
     return choice
 
@@ -278,9 +284,11 @@ def bench(s: Session, z: dict, label: str, args: list[str], cap: float, variants
         label,
     ]
     cmd += args + (["--variants", variants] if variants else [])
+    env = None
     if s.dry:
         cmd += ["--device", "cpu", "--vocab-size", str(z["vocab"])]
-    s.run(f"benchmark {label}", cmd, cap, 45)
+        env = {"TRITON_INTERPRET": "1"}  # attn-impl=triton runs in Triton's interpreter on a CPU
+    s.run(f"benchmark {label}", cmd, cap, 45, env=env)
 
 
 def trainer(
@@ -299,6 +307,7 @@ def trainer(
         return None
     rc, seconds, text = r
     metrics = []
+    cleanup = run  # its checkpoints (21 GB at MPT-1B) would fill the lent machine's disk
     if (run / "metrics.jsonl").is_file():
         for line in (run / "metrics.jsonl").read_text().splitlines():
             try:
@@ -322,15 +331,15 @@ def trainer(
         row["tokens_per_s_after_save"] = statistics.median(
             m["tokens_per_s_per_device"] for m in after[:-1] or after
         )
-    saves = re.findall(
-        r"(saved|started saving \(in the background\)) checkpoint of step (\d+) \(([\d.]+)s\)", text
-    )
+    pattern = r"(saved|started saving \(in the background\))\s+checkpoint\s+of\s+step\s+(\d+)\s+\(([\d.]+)s\)"
+    saves = re.findall(pattern, text)
     row["saves"] = [{"how": h, "step": int(st), "blocking_s": float(sec)} for h, st, sec in saves]
     oom = "OutOfMemoryError" in text or "out of memory" in text
     if oom:
         row["error"] = "out of memory"
     elif rc != 0:
         row["error"] = (text.strip().splitlines() or ["?"])[-1][:300]
+    shutil.rmtree(cleanup, ignore_errors=True)
     s.record(row)
     s.log(f"trainer {label}: " + json.dumps({k: v for k, v in row.items() if k != "saves"}, default=str))
     return row
@@ -367,56 +376,83 @@ def checkpoint_stall(s: Session, z: dict, cap: float) -> None:
 # --- the parts ------------------------------------------------------------------------------------------------
 
 
-def part_a(s: Session, z: dict) -> None:
-    env_info(s)
-    prep = start_data_prep(s, z)
-    ceilings(s)
-    attention(s, cap=170)
-    impl = best_attention(s)
-    m = ["--model", z["model_1b"], "--seq-len", str(z["s2k"]), "--micro-batch", str(z["mb2k"]),
-         "--grad-accum", str(z["ga2k"]), "--steps", str(z["steps"]), "--warmup", "2"]  # fmt: skip
-    variants = "attn-impl=auto,profile=1" + (";attn-impl=triton" if impl == "triton" else "")
-    bench(s, z, "mpt-1b 2048", m, 130, variants)
-    if wait_data(s, prep):
-        trainer(s, z, "mpt-1b-2048", RECIPE_1B,
-                trainer_overrides(z, z["s2k"], z["mb2k"], z["ga2k"], z["trainer_steps"], z["save_at"],
-                                  z["model_sets_1b"]), 150)  # fmt: skip
+def shape_args(z: dict, seq: str) -> list[str]:
+    return ["--model", z["model_1b"], "--seq-len", str(z[f"s{seq}"]), "--micro-batch", str(z[f"mb{seq}"]),
+            "--grad-accum", str(z[f"ga{seq}"]), "--steps", str(z["steps"]), "--warmup", "2"]  # fmt: skip
+
+
+SEQ_NAME = {"2k": "2048", "8k": "8192"}  # the GPU shapes' names (the dry run keeps them, at tiny sizes)
+
+
+def pair(s: Session, z: dict, seq: str, impl: str, bench_cap: float, trainer_cap: float) -> None:
+    """The benchmark (flex, profiled; + triton where it won) and the real CLI, same model and shape."""
+    # (the dry run's triton variant is one tiny step: Triton's interpreter is slow)
+    tri = ";attn-impl=triton" + (",steps=1,warmup=1,micro-batch=1,grad-accum=1" if s.dry else "")
+    variants = "attn-impl=auto,profile=1" + (tri if impl == "triton" else "")
+    bench(s, z, f"mpt-1b {SEQ_NAME[seq]}", shape_args(z, seq), bench_cap, variants)
+    over = trainer_overrides(z, z[f"s{seq}"], z[f"mb{seq}"], z[f"ga{seq}"], z["trainer_steps"], z["save_at"],
+                             z["model_sets_1b"])  # fmt: skip
+    trainer(s, z, f"mpt-1b-{SEQ_NAME[seq]}", RECIPE_1B, over, trainer_cap)
+
+
+def hf_baseline(s: Session, z: dict) -> None:
     hf = ["--model", z["model_1b"], "--seq-len", str(z["s2k"]), "--micro-batch", str(z["hf_mb"]), "--hf-only",
           "--steps", str(max(z["steps"] - 1, 2)), "--warmup", "1"]  # fmt: skip
     bench(s, z, "HF MptForCausalLM 2048", hf, 70)
 
 
-def part_b(s: Session, z: dict) -> None:
+def run_65k(s: Session, z: dict, impl: str, cap: float) -> None:
+    tok, data = data_paths()
+    long = [
+        f"data.streams.books.local={data}", "data.streams.books.split=train", "~data.streams.books.remote",
+        "~data.eval_streams", "data.num_workers=1", f"model.vocab_size={z['vocab']}", "load_path=null",
+        "global_train_batch_size=1", "max_duration=5ba", f"max_seq_len={z['s65k']}",
+        f"model.max_seq_len={z['s65k']}", "scheduler.t_warmup=1ba",
+        f"model.attn_config.attn_impl={'triton' if impl == 'triton' and not s.dry else 'auto'}",
+    ]  # fmt: skip
+    z65 = {**z, "steady": z["steady"] if s.dry else (3, 5)}
+    trainer(s, z65, "mpt-7b-65k", RECIPE_65K, long + z["model_sets_7b"], cap, nosave=True)
+
+
+def part_a(s: Session, z: dict) -> None:
+    """Call 1: attention kernels (the choice for every later row), the 2048 pair, flex options, HF."""
     env_info(s)
     prep = start_data_prep(s, z)
+    ceilings(s)
+    attention(s, 120, KEY_ROUTES, "1b-2k,1b-8k,7b-65k", "backends, head dim 128")
     impl = best_attention(s)
-    m = ["--model", z["model_1b"], "--seq-len", str(z["s8k"]), "--micro-batch", str(z["mb8k"]),
-         "--grad-accum", str(z["ga8k"]), "--steps", str(z["steps"]), "--warmup", "2"]  # fmt: skip
-    variants = "attn-impl=auto,profile=1" + (";attn-impl=triton" if impl == "triton" else "")
-    bench(s, z, "mpt-1b 8192", m, 130, variants)
-    if prep is not None:
-        wait_data(s, prep)  # before the checkpoint stall: nothing else may use the disk and cores then
-    checkpoint_stall(s, z, cap=120)
-    if wait_data(s, None):
-        trainer(s, z, "mpt-1b-8192", RECIPE_1B,
-                trainer_overrides(z, z["s8k"], z["mb8k"], z["ga8k"], z["trainer_steps"], z["save_at"],
-                                  z["model_sets_1b"]), 140)  # fmt: skip
-        tok, data = data_paths()
-        long = [
-            f"data.streams.books.local={data}", "data.streams.books.split=train", "~data.streams.books.remote",
-            "~data.eval_streams", "data.num_workers=1", f"model.vocab_size={z['vocab']}", "load_path=null",
-            "global_train_batch_size=1", "max_duration=5ba", f"max_seq_len={z['s65k']}",
-            f"model.max_seq_len={z['s65k']}", "scheduler.t_warmup=1ba",
-            f"model.attn_config.attn_impl={'triton' if impl == 'triton' else 'auto'}",
-        ]  # fmt: skip
-        lo_hi = z["steady"]
-        z65 = {**z, "steady": (3, 5) if not s.dry else lo_hi}
-        trainer(s, z65, "mpt-7b-65k", RECIPE_65K, long + z["model_sets_7b"], 200, nosave=True)
+    if wait_data(s, prep):
+        pair(s, z, "2k", impl, bench_cap=140, trainer_cap=130)
+    hf_baseline(s, z)
+    # What is left: head dim 64 (MPT-125m), and FlexAttention's block sizes per head dim.
+    attention(
+        s, 90, "flex,triton,triton_tuned," + FLEX_OPTION_ROUTES, "125m-8k,1b-8k", "head dim 64, flex blocks"
+    )
+
+
+def part_b(s: Session, z: dict) -> None:
+    """Call 2: the 8192 pair, checkpoint stalls (nothing else running), 65k through the CLI."""
+    env_info(s)
+    prep = start_data_prep(s, z)  # a cold machine: redone in the background during the first benchmark
+    impl = best_attention(s)
+    variants = "attn-impl=auto,profile=1"
+    bench(s, z, "mpt-1b 8192", shape_args(z, "8k"), 90, variants)
+    if not wait_data(s, prep):
+        return
+    checkpoint_stall(s, z, cap=110)
+    over = trainer_overrides(
+        z, z["s8k"], z["mb8k"], z["ga8k"], z["trainer_steps"], z["save_at"], z["model_sets_1b"]
+    )
+    trainer(s, z, "mpt-1b-8192", RECIPE_1B, over, 130)
+    run_65k(s, z, impl, cap=180)
+    if impl == "triton":
+        tri = "attn-impl=triton" + (",steps=1,warmup=1,micro-batch=1,grad-accum=1" if s.dry else "")
+        bench(s, z, "mpt-1b 8192", shape_args(z, "8k"), 90, tri)
 
 
 def part_c(s: Session, z: dict) -> None:
-    """Leftovers for a third call: MPT-7B at 2048 on one GPU, and the 2048 pair with the recipe's own
-    model and optimizer (QK LayerNorm, decoupled AdamW)."""
+    """An optional third call: MPT-7B at 2048 on one GPU, and the 2048 pair with the recipe's own model
+    and optimizer (QK LayerNorm, decoupled AdamW)."""
     env_info(s)
     prep = start_data_prep(s, z)
     impl = best_attention(s)
@@ -424,9 +460,7 @@ def part_c(s: Session, z: dict) -> None:
           "--grad-accum", "2", "--steps", "3", "--warmup", "2", "--fsdp", "--activation-checkpointing", "selective"]  # fmt: skip
     variants = "attn-impl=auto" + (";attn-impl=triton" if impl == "triton" else "")
     bench(s, z, "mpt-7b 2048 one GPU", m7, 200, variants)
-    m = ["--model", z["model_1b"], "--seq-len", str(z["s2k"]), "--micro-batch", str(z["mb2k"]),
-         "--grad-accum", str(z["ga2k"]), "--steps", str(z["steps"]), "--warmup", "2",
-         "--model-set", "attn_config.qk_ln=true", "--optimizer", "decoupled_adamw"]  # fmt: skip
+    m = [*shape_args(z, "2k"), "--model-set", "attn_config.qk_ln=true", "--optimizer", "decoupled_adamw"]
     bench(s, z, "mpt-1b 2048 recipe (qk_ln, adamw)", m, 120)
     if wait_data(s, prep):
         over = trainer_overrides(
@@ -455,13 +489,14 @@ def summary(s: Session) -> None:
             lines.append(f"{r.get('label', '?')[:66]:<66} FAILED {r['error'][:60]}")
             continue
         mem = r.get("peak_mem_gb")
+        mem = f"{mem:.1f}" if isinstance(mem, float) else "-"
         lines.append(
             f"{r.get('label', '?')[:66]:<66} {r['tokens_per_s']:>10,.0f} {pct(r.get('mfu')):>6} "
-            f"{pct(r.get('mfu_full_square')):>6} {pct(r.get('hfu')):>6} {mem if mem is None else round(mem, 1)!s:>7}"
+            f"{pct(r.get('mfu_full_square')):>6} {pct(r.get('hfu')):>6} {mem:>7}"
         )
     for r in bench_rows:
         prof = r.get("profile")
-        if prof:
+        if prof and prof["device_ms_per_step"] > 1.0:  # a CPU run has no device kernels to list
             total = prof["device_ms_per_step"]
             cats = ", ".join(
                 f"{c} {ms:.0f} ms ({100 * ms / total:.0f}%)" for c, ms in prof["categories_ms"].items()
@@ -485,7 +520,7 @@ def summary(s: Session) -> None:
         )
         for sv in r.get("saves", []):
             lines.append(f"    save at step {sv['step']}: {sv['how']}, loop blocked {sv['blocking_s']:.2f} s")
-        if r.get("tokens_per_s_after_save"):
+        if r.get("tokens_per_s_after_save") and any("background" in sv["how"] for sv in r.get("saves", [])):
             lines.append(f"    steps after the async save: {r['tokens_per_s_after_save']:,.0f} tok/s")
     # trainer against benchmark, like for like
     for seq, tag in (("2048", "mpt-1b-2048"), ("8192", "mpt-1b-8192")):
@@ -526,7 +561,7 @@ def summary(s: Session) -> None:
     if ck:
         disk = ck.get("disk_gb_s", {})
         lines.append(
-            f"disk (dd 4 GiB): fsync {disk.get('fsync') or 0:.2f} GB/s, O_DIRECT {disk.get('direct') or 0:.2f} GB/s"
+            f"disk (dd): fsync {disk.get('fsync') or 0:.2f} GB/s, O_DIRECT {disk.get('direct') or 0:.2f} GB/s"
         )
         for r in ck.get("rows", []):
             lines.append(

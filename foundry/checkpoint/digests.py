@@ -99,7 +99,8 @@ class HashingWriter(io.RawIOBase):
         return True
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         written = self._fh.write(view)
         written = view.nbytes if written is None else written
         self._hasher.update(view[:written])
