@@ -17,8 +17,8 @@ strides with a unit last dimension, so no transpose or copy feeds the kernel and
 
 Wrapped as ``torch.library`` custom ops, so a compiled block calls it as one opaque op (no graph break,
 nothing traced into Triton). Head dims: powers of two from 16 to 256 (MPT's 64 and 128). Block sizes per
-(head dim, pass) come from ``CONFIGS``, or from a one-off timing of the candidates on the first call of a
-shape when ``tune(True)`` (benchmarks/gpu_session_speed.py measures both). Checked against a float64
+(head dim, pass) come from a one-off timing of the candidates of ``CONFIGS`` on the first call of a shape
+(``tune(False)``: the table's first; benchmarks/attention_speed.py measures both). Checked against a float64
 reference on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_alibi_kernel.py)
 and against the torch reference path on the GPU before any timing.
 """
@@ -53,7 +53,9 @@ CONFIGS: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
 # Triton's CPU interpreter (tests): small blocks, many of them; a test sets unequal ones per pass.
 INTERPRET_BLOCKS = {"fwd": (16, 16, 1, 1), "dkdv": (16, 16, 1, 1), "dq": (16, 16, 1, 1)}
 _chosen: dict[tuple, tuple[int, int, int, int]] = {}
-_tune = False
+# Time the candidates once per new shape (on CUDA): a few seconds in a run's first step, for the blocks
+# that suit this GPU. FOUNDRY_ALIBI_TUNE=0 takes the table's first entries instead.
+_tune = os.environ.get("FOUNDRY_ALIBI_TUNE", "1") != "0"
 
 
 def interpreting() -> bool:
@@ -61,7 +63,7 @@ def interpreting() -> bool:
 
 
 def tune(on: bool = True) -> None:
-    """Time every candidate of CONFIGS once per new shape (on CUDA) instead of taking the first."""
+    """Time every candidate of CONFIGS once per new shape (on CUDA; the default) or take the first."""
     global _tune
     _tune = on
     _chosen.clear()
