@@ -86,19 +86,29 @@ def bool_arg(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="a yamls/model/*.yaml name, or a path to such a file")
+    p.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one model config key (dotted, YAML value), e.g. attn_config.qk_ln=true (what a "
+        "recipe's `model:` section changes); repeatable",
+    )
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch (per GPU)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "flex", "torch", "flash"])
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "flex", "torch", "flash", "triton"])
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile each block (default: on for CUDA, off on CPU)",
     )
-    p.add_argument("--activation-checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument(
+        "--activation-checkpointing", default="none", choices=["none", "full", "selective", "selective_op"]
+    )
     p.add_argument("--ac-every", type=int, default=2, help="selective AC: checkpoint every k-th block")
     p.add_argument(
         "--fused-ce",
@@ -164,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 # --- config ----------------------------------------------------------------------------------------------
 
 
-def load_preset(name: str) -> ModelConfig:
+def load_preset(name: str, sets: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    """A yamls/model preset (or a YAML file), with ``KEY=VALUE`` overrides of its keys applied."""
     import yaml
 
     path = Path(name)
@@ -172,6 +183,15 @@ def load_preset(name: str) -> ModelConfig:
         path = ROOT / "yamls" / "model" / f"{name}.yaml"
     with open(path) as f:
         data = yaml.safe_load(f)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-set {item!r}: write KEY=VALUE, e.g. attn_config.qk_ln=true")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
     return from_dict(ModelConfig, data, "model")
 
 
@@ -200,8 +220,9 @@ def variant_args(base: argparse.Namespace, spec: str, parser: argparse.ArgumentP
         else:
             argv += [f"--{key}", value]
     args = argparse.Namespace(**vars(base))
+    args.model_set = list(base.model_set)  # append-actions must not grow the base variant's list
     parser.parse_args(argv, namespace=args)
-    args.label = spec
+    args.label = f"{base.label} {spec}" if base.label else spec
     return args
 
 
@@ -290,7 +311,7 @@ def peak_memory(device: torch.device) -> tuple[float | None, float | None]:
 
 
 def checkpointed_blocks(args, n_layers: int) -> int:
-    if args.activation_checkpointing == "full":
+    if args.activation_checkpointing in ("full", "selective_op"):
         return n_layers
     if args.activation_checkpointing == "selective":
         return math.ceil(n_layers / args.ac_every)
@@ -337,7 +358,12 @@ def summarize(
     matmul_params = n_params if matmul_params is None else matmul_params
     per_token = flops.flops_per_token(cfg, matmul_params, args.seq_len)
     per_token_full = flops.flops_per_token(cfg, matmul_params, args.seq_len, causal=False)
-    recompute = flops.recompute_flops_per_token(cfg, args.seq_len, checkpointed_blocks(args, cfg.n_layers))
+    recompute = flops.recompute_flops_per_token(
+        cfg,
+        args.seq_len,
+        checkpointed_blocks(args, cfg.n_layers),
+        attention=args.activation_checkpointing != "selective_op",
+    )
     peak = flops.peak_flops(device)
     mem, reserved = peak_memory(device)
     return {
@@ -370,7 +396,7 @@ def lion_fused(optimizer) -> bool | None:
 
 
 def run_foundry(args, env: fdist.DistEnv) -> dict:
-    cfg = load_preset(args.model)
+    cfg = load_preset(args.model, args.model_set)
     if args.attn_impl != "auto":
         set_attn_impl(cfg, args.attn_impl)
     cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)  # timing only: the preset's length is no limit
@@ -621,6 +647,13 @@ def profile_steps(step_fn, n: int, device: torch.device) -> dict:
         "device_ms_per_step": total,
         "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": n_[:140], "ms": ms, "calls": c} for n_, ms, c in rows[:20]],
+        # The memory-bound kernels by name: inductor names a fused kernel after the ops it fused
+        # (e.g. triton_red_fused_add_native_layer_norm_...: a residual add inside a LayerNorm's kernel).
+        "memory_bound_kernels": [
+            {"name": n_[:160], "ms": ms, "calls": c}
+            for n_, ms, c in rows
+            if not any(k in n_.lower() for k in CATEGORIES[0][1] + CATEGORIES[1][1])
+        ][:40],
     }
 
 
@@ -643,6 +676,9 @@ def describe(args) -> str:
         + (["packed SFT"] if args.sft else [])
         + ([f"{args.lora} r{args.lora_r}"] if args.lora != "none" else [])
     )
+    if args.attn_impl != "auto":
+        parts.append(f"attn {args.attn_impl}")
+    parts += list(args.model_set)
     return ", ".join(parts)
 
 
@@ -671,7 +707,7 @@ def print_table(rows: list[tuple[str, dict]], base, file=sys.stdout, footer: boo
     first = next((r for _, r in rows if "error" not in r), None)
     if first is None or not footer:
         return
-    cfg = load_preset(base.model)
+    cfg = load_preset(base.model, base.model_set)
     n = first.get("matmul_params", first["n_params"])
     why = (
         "the tied lm_head is a d_model x vocab matmul, the embedding counted once"
@@ -711,16 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     base = parser.parse_args(argv)
     env = fdist.setup(base.device)
-    if base.fsdp and env.world_size == 1 and not torch.distributed.is_initialized():
+    if base.fsdp:
         # One GPU with --fsdp: a 1-rank group, so parallelize applies FSDP2 (bf16 compute copies of fp32
-        # params, bf16 gradient accumulation: what every rank of an N-GPU run computes).
-        torch.distributed.init_process_group(
-            "nccl" if env.device.type == "cuda" else "gloo",
-            store=torch.distributed.HashStore(),
-            rank=0,
-            world_size=1,
-            device_id=env.device if env.device.type == "cuda" else None,
-        )
+        # params, bf16 gradient accumulation: what every rank of an N-GPU run computes; the trainer's
+        # fsdp_config.single_gpu_fsdp).
+        fdist.init_single_rank_group(env)
     try:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -7,12 +7,13 @@ completion marker ``COMPLETE``. (Checkpoints of older versions hold ``trainer_st
 ``rng-<rank>.pt``; they are read without unpickling code: foundry/checkpoint/safe_read.py.)
 
 A checkpoint is written as ``step-N.tmp/``; every rank makes its own files durable (DCP fsyncs them)
-and records their sizes and CRC32s; only when every rank has reported does rank 0 write the marker,
-which lists every file with its size and checksum, fsync the folder and rename it to ``step-N/``. So a
-``step-N/`` folder has its marker from the moment it exists, a truncated file is noticed by its size,
-and a corrupted one by its checksum before a resume trusts it. A ``step-N/`` that fails these checks
-is damaged: :func:`prune` deletes it (``save_num_checkpoints_to_keep`` > 0) or moves it to
-``checkpoints/damaged/`` (keep all), instead of warning about it at every resume.
+and records their sizes and checksums, taken as the bytes were written (foundry/checkpoint/digests.py:
+xxh3_64; markers of older checkpoints hold crc32s and still verify); only when every rank has reported
+does rank 0 write the marker, which lists every file with its size and checksum, fsync the folder and
+rename it to ``step-N/``. So a ``step-N/`` folder has its marker from the moment it exists, a truncated
+file is noticed by its size, and a corrupted one by its checksum before a resume trusts it. A ``step-N/``
+that fails these checks is damaged: :func:`prune` deletes it (``save_num_checkpoints_to_keep`` > 0) or
+moves it to ``checkpoints/damaged/`` (keep all), instead of warning about it at every resume.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import logging
 import os
 import shutil
 import time
-import zlib
 from pathlib import Path
 
+from foundry.checkpoint.digests import CRC32, DEFAULT_ALGO, hash_file, hash_files
 from foundry.errors import CheckpointError
 from foundry.fsutil import fsync_dir, fsync_tree
 
@@ -38,7 +39,7 @@ LEGACY_TRAINER_STATE = "trainer_state.pt"  # written by older versions; read wit
 CONFIG_FILE = "foundry_config.yaml"
 PREFIX = "step-"
 DAMAGED = "damaged"  # checkpoints/damaged/: damaged checkpoints kept aside (save_num_checkpoints_to_keep=-1)
-_CHUNK = 8 << 20
+VERIFY_THREADS = 8  # files hashed at once by each rank at resume (reads and hashing release the GIL)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -58,16 +59,24 @@ def legacy_rng_file(rank: int) -> str:
 
 
 def crc32_of(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+    """The crc32 older markers hold (``crc32``: {name: int})."""
+    return int(hash_file(path, CRC32), 16)
 
 
-def digest_files(folder: Path, names: list[str]) -> dict[str, list[int]]:
-    """name -> [size, crc32] for each file (names relative to `folder`)."""
-    return {name: [(folder / name).stat().st_size, crc32_of(folder / name)] for name in names}
+def digest_files(folder: Path, names: list[str], algo: str = DEFAULT_ALGO) -> dict[str, list]:
+    """name -> [size, checksum] for each file (names relative to `folder`), read back from disk: only
+    for files that were not checksummed as they were written."""
+    hashes = hash_files(folder, names, algo, threads=VERIFY_THREADS)
+    return {name: [(Path(folder) / name).stat().st_size, hashes[name]] for name in names}
+
+
+def marker_checksums(marker: dict) -> tuple[str, dict[str, str]] | None:
+    """(algorithm, {name: hex digest}) of a marker; None for one written before checksums existed."""
+    if isinstance(marker.get("checksums"), dict):
+        return marker.get("checksum", CRC32), marker["checksums"]
+    if isinstance(marker.get("crc32"), dict):  # markers before xxh3
+        return CRC32, {name: f"{value:08x}" for name, value in marker["crc32"].items()}
+    return None
 
 
 def all_files(path: Path) -> list[str]:
@@ -115,9 +124,17 @@ def verify(path: Path, part: int = 0, parts: int = 1) -> tuple[bool, str]:
     ok, why = is_complete(path)
     if not ok:
         return ok, why
-    checksums = read_marker(path).get("crc32", {})
-    for i, name in enumerate(sorted(checksums)):
-        if i % parts == part and crc32_of(Path(path) / name) != checksums[name]:
+    found = marker_checksums(read_marker(path))
+    if found is None:
+        return True, ""
+    algo, checksums = found
+    mine = [name for i, name in enumerate(sorted(checksums)) if i % parts == part]
+    try:
+        got = hash_files(Path(path), mine, algo, threads=VERIFY_THREADS)
+    except OSError as e:
+        return False, f"cannot read a file to check it: {e}"
+    for name in mine:
+        if got[name] != checksums[name]:
             return False, f"{name} does not match its checksum (corrupted)"
     return True, ""
 
@@ -179,25 +196,43 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
 
 
 def finalize(
-    tmp: Path, final: Path, step: int, digests: dict[str, list[int]] | None = None, world_size: int = 1
+    tmp: Path,
+    final: Path,
+    step: int,
+    digests: dict[str, list] | None = None,
+    world_size: int = 1,
+    synced: bool = False,
 ) -> None:
-    """Mark complete, fsync, then rename: a ``step-N/`` folder is whole on disk, marker included, from
-    the moment it has that name (a crash leaves a ``.tmp`` folder, which is never resumed from)."""
+    """fsync, mark complete, then rename: a ``step-N/`` folder is whole on disk, marker included, from
+    the moment it has that name (a crash leaves a ``.tmp`` folder, which is never resumed from).
+
+    ``digests``: {name: [size, checksum]} of the files checksummed as they were written; any other file
+    is read back for its checksum. ``synced``: every file was fsynced by its writer, so only the folder
+    is synced here (a second fsync of every file costs a round trip per file on network file systems).
+    """
     digests = dict(digests or {})
     unknown = [n for n in all_files(tmp) if n not in digests]
+    if synced:
+        for name in unknown:  # files no writer reported (and so none fsynced)
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    else:
+        fsync_tree(tmp)
     digests.update(digest_files(tmp, unknown))
     marker = {
         "step": step,
         "time": time.time(),
         "world_size": world_size,
         "files": {n: d[0] for n, d in sorted(digests.items())},
-        "crc32": {n: d[1] for n, d in sorted(digests.items())},
+        "checksum": DEFAULT_ALGO,
+        "checksums": {n: d[1] for n, d in sorted(digests.items())},
     }
     with open(tmp / MARKER, "w") as fh:
         json.dump(marker, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    fsync_tree(tmp)
+    fsync_dir(tmp)  # the marker's directory entry (the files were synced above)
     if final.exists():  # an earlier, damaged checkpoint of this step (a resume went back before it)
         shutil.rmtree(final)
     os.replace(tmp, final)

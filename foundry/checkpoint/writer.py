@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -21,23 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from foundry.checkpoint.digests import write_file
 from foundry.checkpoint.layout import (
     CONFIG_FILE,
     LEGACY_TRAINER_STATE,
     TRAINER_STATE,
-    digest_files,
     finalize,
     legacy_rng_file,
-    owned_files,
     rng_file,
     set_aside_damaged,
     step_dir,
     verify,
 )
 from foundry.checkpoint.safe_read import dcp_load, read_json, read_legacy_pt
+from foundry.checkpoint.shards import default_thread_count, write_shards
+from foundry.checkpoint.staging import StagedState, Stager
 from foundry.checkpoint.state import rng_from_json, rng_to_json
 from foundry.checkpoint.storage import LocalStore
 from foundry.errors import CheckpointError
@@ -113,18 +112,15 @@ def _errno_in(error: BaseException, depth: int = 0) -> int | None:
     return None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj).encode("utf-8")
 
 
 @dataclass
 class _Pending:
     step: int
     tmp: Path
-    job: Future  # this rank's share: shards durable (and uploaded); returns {file: [size, crc32]}
+    job: Future  # this rank's share: shards durable (and uploaded); returns {file: [size, checksum]}
 
 
 class Checkpointer:
@@ -141,6 +137,7 @@ class Checkpointer:
         keep: int = -1,
         use_async: bool = False,
         run_dir: Path | None = None,
+        thread_count: int | None = None,
     ):
         self.store = store
         self.root = store.root
@@ -155,6 +152,10 @@ class Checkpointer:
         self._group = fdist.new_cpu_group() if env.distributed else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="foundry-checkpoint")
         self._pending: _Pending | None = None
+        # Host copies of the state, reused by every save (foundry/checkpoint/staging.py), and the writer
+        # threads per rank (foundry/checkpoint/shards.py).
+        self._stager = Stager()
+        self.thread_count = thread_count or default_thread_count(env.local_world_size)
 
     # ---------------------------------------------------------------- save
     def save(
@@ -178,39 +179,49 @@ class Checkpointer:
             except OSError as e:
                 error = e
         self._agree_written(step, tmp, error)  # also the barrier before the other ranks write into tmp
-        error = None
-        try:
-            _write_json(tmp / rng_file(self.env.rank), rng_to_json(rng_state))
-            if self.env.is_main:
-                _write_json(tmp / TRAINER_STATE, trainer_state)
-                (tmp / CONFIG_FILE).write_text(config_yaml)
-        except OSError as e:
-            error = e
-        self._agree_written(step, tmp, error)
-        if self.use_async and not blocking:
-            response = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group)
-            job = self._pool.submit(self._write_share, step, tmp, response)
+        # The small files, serialized now (their values are this step's), written with the shards. JSON:
+        # reading a checkpoint never runs code (foundry/checkpoint/safe_read.py).
+        small = {rng_file(self.env.rank): _json_bytes(rng_to_json(rng_state))}
+        if self.env.is_main:
+            small[TRAINER_STATE] = _json_bytes(trainer_state)
+            small[CONFIG_FILE] = config_yaml.encode()
+        state = {key: value.state_dict() for key, value in app_state.items()}  # what dcp.save would take
+        background = self.use_async and not blocking
+        if background or self.env.device.type == "cuda":
+            # Host copies of the tensors (on CUDA queued on a side stream: the loop does not wait).
+            staged = self._stager.stage(state)
+        else:
+            staged = StagedState(state)  # a blocking save on a CPU: nothing changes the tensors meanwhile
+        if background:
+            job = self._pool.submit(self._write_share, step, tmp, staged, small)
         else:
             job = Future()
             try:
-                with single_process_quiet():
-                    dcp.save(app_state, checkpoint_id=str(tmp), process_group=self._group)
-                job.set_result(self._write_share(step, tmp, None))
+                job.set_result(self._write_share(step, tmp, staged, small))
             except LOAD_ERRORS as e:  # reported to every rank by finish()
                 job.set_exception(e)
         self._pending = _Pending(step, tmp, job)
         if blocking or not self.use_async:
             self.finish()
 
-    def _write_share(self, step: int, tmp: Path, response) -> dict[str, list[int]]:
-        """This rank's part of a checkpoint, after DCP wrote (and fsynced) its shards."""
-        if response is not None:  # torch >= 2.9 may answer with staging/upload futures
-            getattr(response, "upload_completion", response).result()
+    def _write_share(
+        self, step: int, tmp: Path, staged: StagedState, small: dict[str, bytes]
+    ) -> dict[str, list]:
+        """This rank's part of a checkpoint: its shards and small files, durable and checksummed as written."""
+        written = {name: write_file(tmp / name, data) for name, data in small.items()}
+        staged.wait()
+        digests = write_shards(
+            staged.state_dict,
+            tmp,
+            process_group=self._group,
+            thread_count=self.thread_count,
+            # One process (a 1-rank group too): no collectives, none from this thread on the training group.
+            no_dist=self.env.world_size == 1,
+        )
         for hook in self.on_share_written:
             hook(step, tmp)
-        names = owned_files(tmp, self.env.rank)
-        digests = digest_files(tmp, names)
-        self.store.share_written(tmp, names, step)
+        digests.update(written)
+        self.store.share_written(tmp, sorted(digests), step)
         return digests
 
     def _agree_written(self, step: int, tmp: Path, error: OSError | None) -> None:
@@ -240,6 +251,12 @@ class Checkpointer:
             "Free space or fix permissions there, then rerun the same command to resume."
         )
 
+    def prepare(self, app_state: dict[str, Any]) -> None:
+        """Allocate the host staging buffers ahead of the first save (on CUDA: pinning the state's size in
+        host memory takes seconds), so that no save pays for it. Call once the optimizer has its state."""
+        if self.env.device.type == "cuda":
+            self._stager.prepare({key: value.state_dict() for key, value in app_state.items()})
+
     @property
     def pending(self) -> bool:
         return self._pending is not None
@@ -264,7 +281,8 @@ class Checkpointer:
         final = step_dir(self.root, pending.step)
         if self.env.is_main:
             digests = {name: d for _, ds, _ in shares for name, d in ds.items()}
-            finalize(pending.tmp, final, pending.step, digests, self.env.world_size)
+            # Every file was fsynced by its writer: finalize only syncs the folder before the rename.
+            finalize(pending.tmp, final, pending.step, digests, self.env.world_size, synced=True)
             self.store.published(final, pending.step, digests, self.keep, self.run_dir)
         fdist.barrier(self._group)
         if self.env.is_local_leader:
@@ -277,6 +295,7 @@ class Checkpointer:
             self.finish()
         finally:
             self._pool.shutdown(wait=True)
+            self._stager.close()  # gives the host buffers back
 
     def abandon(self) -> None:
         """After an error: no collective, no marker; a write in flight stays an ignored ``.tmp`` folder."""

@@ -11,7 +11,7 @@ from typing import ClassVar
 from foundry.config.checks import one_of, positive
 from foundry.errors import ConfigError
 
-ATTN_IMPLS = ("auto", "torch", "flex", "flash")
+ATTN_IMPLS = ("auto", "torch", "flex", "flash", "triton")
 
 
 @dataclass

@@ -7,6 +7,8 @@ no bias at all (Llama: rotary embeddings already applied to q and k, ``slopes`` 
   path). Without a bias, ``is_causal=True``: on CUDA its flash kernel runs (no additive bias to block it).
 - ``flex``: FlexAttention, causality as a ``BlockMask`` (one fused kernel), ALiBi as a ``score_mod`` if any.
 - ``flash``: flash-attn 2, ``causal=True`` and ``alibi_slopes`` if any (optional package).
+- ``triton``: foundry's own fused causal ALiBi kernel, forward and backward (foundry/models/kernels/alibi_attention.py);
+  MPT only, no packed-sequence masks.
 - ``auto``: ALiBi: flex on CUDA, torch elsewhere. No bias: torch (SDPA's flash kernel) everywhere.
 
 Grouped-query attention (fewer key/value heads than query heads) runs natively in every backend: the key/value
@@ -27,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -102,10 +105,14 @@ def resolve_attn_impl(
                 "attn_impl=flash needs the flash-attn package (pip install flash-attn --no-build-isolation); "
                 "or set model.attn_config.attn_impl: flex"
             )
-    if impl == "flex" and dropout_p > 0:
-        raise FoundryError("attn_impl=flex has no attention dropout; set attn_pdrop: 0 or attn_impl: torch")
-    if impl not in ("torch", "flex", "flash"):
-        raise FoundryError(f"unknown attn_impl {impl!r}; use auto, torch, flex or flash")
+    if impl in ("flex", "triton") and dropout_p > 0:
+        raise FoundryError(
+            f"attn_impl={impl} has no attention dropout; set attn_pdrop: 0 or attn_impl: torch"
+        )
+    if impl == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise FoundryError("attn_impl=triton needs a CUDA device; use attn_impl: auto or torch on CPU")
+    if impl not in ("torch", "flex", "flash", "triton"):
+        raise FoundryError(f"unknown attn_impl {impl!r}; use auto, torch, flex, flash or triton")
     return impl
 
 
@@ -230,9 +237,11 @@ def plan_attention(
         if seq_ids is not None:
             bias = bias.masked_fill(~same_sequence(seq_ids)[:, None], float("-inf"))  # [B, H, S, S]
         plan.bias = bias.to(dtype)  # SDPA wants the bias in the query's dtype
+    elif impl == "triton" and slopes is None:
+        raise FoundryError("attn_impl=triton is the fused ALiBi kernel (MPT); use attn_impl: auto for this model")
     elif seq_ids is not None:
         raise FoundryError(
-            "attn_impl=flash cannot keep packed sequences apart (the batch has seq_ids); "
+            f"attn_impl={impl} cannot keep packed sequences apart (the batch has seq_ids); "
             "use attn_impl: flex (the default on GPUs) or torch"
         )
     return plan
@@ -254,6 +263,10 @@ def attend(
             q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=True, alibi_slopes=plan.slopes
         )
         return out.to(dtype)
+    if plan.impl == "triton":
+        from foundry.models.kernels.alibi_attention import alibi_attention
+
+        return alibi_attention(q, k, v, plan.slopes, scale)  # reads and writes [B, S, H, D] as they lie
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
     if plan.impl == "flex":

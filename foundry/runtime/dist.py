@@ -78,6 +78,22 @@ def setup(device_choice: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     return DistEnv(rank, world, local_rank, device, local_world, timeout_s)
 
 
+def init_single_rank_group(env: DistEnv) -> bool:
+    """A process group of this one process, so that parallelize() shards with FSDP2 on a single device.
+    Returns whether one was made (not under torchrun with several ranks, nor twice)."""
+    if env.world_size != 1 or dist.is_initialized():
+        return False
+    cuda = env.device.type == "cuda"
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        device_id=env.device if cuda else None,
+    )
+    return True
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -117,7 +133,7 @@ def barrier(group=None) -> None:
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """For each flag: is it set on any rank? One small all-reduce for all of them (none, and no device
     round trip, in a single process)."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return [bool(f) for f in flags]
     t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

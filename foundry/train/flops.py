@@ -124,12 +124,15 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int, causal: bool 
 
 
 def recompute_flops_per_token(
-    cfg: ModelConfig, seq_len: int, checkpointed_blocks: int, causal: bool = True
+    cfg: ModelConfig, seq_len: int, checkpointed_blocks: int, causal: bool = True, attention: bool = True
 ) -> float:
     """The forward that activation checkpointing runs again during backward, per token: one block's
     forward (2 * block params + its attention) times the number of checkpointed blocks (all n_layers
-    under full AC; under selective AC, however many blocks the parallelizer wrapped)."""
-    per_block = 2.0 * block_param_count(cfg) + _attention_flops_per_token(cfg, seq_len, causal) / cfg.n_layers
+    under full AC; under selective AC, however many blocks the parallelizer wrapped). ``attention``
+    False: the recompute keeps attention's outputs (``selective_op``) and redoes only the matmuls."""
+    per_block = 2.0 * block_param_count(cfg)
+    if attention:
+        per_block += _attention_flops_per_token(cfg, seq_len, causal) / cfg.n_layers
     return checkpointed_blocks * per_block
 
 

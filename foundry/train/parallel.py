@@ -18,16 +18,59 @@ from foundry.runtime.dist import DistEnv
 log = logging.getLogger("foundry")
 
 
+def _attention_ops() -> set:
+    """The attention kernels whose outputs ``selective_op`` keeps (every backend foundry runs)."""
+    ops = set()
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            ops.add(op.default)
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
+    try:  # registers foundry::alibi_attention_fwd (needs triton)
+        import foundry.models.kernels.alibi_attention  # noqa: F401
+
+        ops.add(torch.ops.foundry.alibi_attention_fwd.default)
+    except ImportError:
+        pass
+    return ops
+
+
+def save_attention_context():
+    """The context of torch.utils.checkpoint that keeps attention's outputs and recomputes the rest."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _attention_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(create_selective_checkpoint_contexts, policy)
+
+
 def apply_activation_checkpointing(model: nn.Module, cfg: FSDPConfig) -> None:
     if cfg.activation_checkpointing == "none":
         return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     every = cfg.activation_checkpointing_every if cfg.activation_checkpointing == "selective" else 1
+    extra = {}
+    if cfg.activation_checkpointing == "selective_op":
+        # Backward re-runs each block's forward except attention, whose output (and log-sum-exp) it
+        # kept: at 65k tokens attention is most of a block's FLOPs, its recompute most of full AC's cost.
+        extra["context_fn"] = save_attention_context()
     blocks = model.blocks
     for i, block in enumerate(blocks):
         if i % every == 0:
-            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **extra)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -36,6 +79,10 @@ def apply_compile(model: nn.Module) -> None:
     dynamic=False: shapes only change at a sequence-length phase switch (or in a benchmark sweep), where a
     recompile to static shapes is cheaper than kernels that take every size at run time.
     """
+    # Every block shares one code object, so dynamo's per-function cache holds one entry per shape and
+    # mode of the whole run: train and eval batch shapes, a partial last eval batch, each curriculum
+    # phase's length. Past the default limit of 8 the blocks would silently run eagerly from then on.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     blocks = model.blocks
     for i, block in enumerate(blocks):
         blocks[i] = torch.compile(block, fullgraph=False, dynamic=False)

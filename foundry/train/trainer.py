@@ -92,6 +92,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.env = fdist.setup(cfg.device, cfg.dist_timeout_s)
+        if cfg.fsdp_config.single_gpu_fsdp:
+            fdist.init_single_rank_group(self.env)  # FSDP2 on one device (config/schema.py says why)
         self.plan: RunPlan = make_plan(cfg, epoch_tokens)
         self.run_dir, self.remote = run_location(cfg.run_dir, cfg.save_local_dir)
         # Every input checked before the folder is taken or the model built (each rank; all agree).

@@ -21,8 +21,12 @@ log = logging.getLogger("foundry")
 class Checkpointing(Callback):
     def __init__(self):
         self._save_owed = False  # a save fell on a NaN/Inf step: write it after the next good one
+        self._prepared = False
 
     def on_step_end(self, trainer, outcome: StepOutcome) -> None:
+        if not self._prepared:  # after the first step, the optimizer has its state: size the host buffers
+            self._prepared = True
+            trainer.checkpointer.prepare(app_state(trainer.model, trainer.optimizer))
         stop = self._agree_between_steps(trainer)
         if self._save_now(trainer, outcome, outcome.last or stop):
             save(trainer, blocking=outcome.last or stop)
