@@ -16,6 +16,7 @@ from foundry import checkpoint as ckpt
 from foundry.checkpoint import digests
 from foundry.checkpoint.shards import write_shards
 from foundry.checkpoint.staging import Stager
+from foundry.checkpoint.state import capture_rng
 from foundry.checkpoint.storage import LocalStore
 from foundry.checkpoint.writer import Checkpointer
 from foundry.runtime.dist import DistEnv
@@ -87,14 +88,14 @@ def test_a_save_never_reads_its_files_back(tmp_path, monkeypatch, use_async):
     monkeypatch.setattr(digests, "hash_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
     saver = _checkpointer(tmp_path, use_async)
     state = _state()
-    saver.save(5, {"model": _Holder(state["model"])}, {"train": {"step": 5}}, {"rng": 1}, "x: 1\n")
+    saver.save(5, {"model": _Holder(state["model"])}, {"train": {"step": 5}}, capture_rng(), "x: 1\n")
     saver.close()
     assert reads == []  # every checksum was taken as the bytes were written
     path = ckpt.step_dir(tmp_path, 5)
     assert ckpt.verify(path) == (True, "")
     marker = ckpt.read_marker(path)
     assert marker["checksum"] == digests.DEFAULT_ALGO and set(marker["checksums"]) == set(marker["files"])
-    assert {"rng-0.pt", "trainer_state.pt", "foundry_config.yaml", ".metadata"} <= set(marker["files"])
+    assert {"rng-0.json", "trainer_state.json", "foundry_config.yaml", ".metadata"} <= set(marker["files"])
     assert len(reads) == len(marker["files"])  # verify (a resume) reads each file once
 
 
@@ -103,7 +104,7 @@ def test_an_async_save_writes_the_values_of_its_step_not_later_ones(tmp_path):
     saver.on_share_written.append(lambda step, tmp: None)
     state = _state()
     expected = state["model"]["w"].clone()
-    saver.save(1, {"model": _Holder(state["model"])}, {"train": {}}, {}, "x: 1\n")
+    saver.save(1, {"model": _Holder(state["model"])}, {"train": {}}, capture_rng(), "x: 1\n")
     state["model"]["w"].add_(1.0)  # training goes on while the write runs
     saver.close()
     saved = ckpt.load_model_weights(ckpt.step_dir(tmp_path, 1))
