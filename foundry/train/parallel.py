@@ -171,8 +171,19 @@ def parallelize(model: nn.Module, env: DistEnv, fsdp: FSDPConfig, precision: str
     # Shard wherever a process group exists: torchrun with N > 1 ranks, or a 1-rank group that a caller set
     # up on purpose (benchmarks/throughput.py --fsdp on one GPU: FSDP2's bf16 compute copies, as on N GPUs).
     if dist.is_initialized():
-        apply_fsdp(model, env, fsdp, precision)
+        if dist.get_world_size() == 1 and _holds_nf4(model):
+            # torchao's NF4 all-gather hooks fail on a 1-rank group (seen with torch 2.14, torchao 0.18), and
+            # one rank has nothing to shard: a QLoRA model stays whole on its device.
+            log.info("QLoRA on one rank: the model is not wrapped in FSDP2 (nothing to shard)")
+        else:
+            apply_fsdp(model, env, fsdp, precision)
     return model
+
+
+def _holds_nf4(model: nn.Module) -> bool:
+    from foundry.models.lora import nf4
+
+    return any(nf4.is_nf4(p) for p in model.parameters())
 
 
 def build_parallel_model(
