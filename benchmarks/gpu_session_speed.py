@@ -5,6 +5,8 @@
     python3 benchmarks/gpu_session_speed.py b --out $OUT --budget 510   # call 2 (checkpoints, 8192, 65k)
     python3 benchmarks/gpu_session_speed.py c --out $OUT --budget 510   # optional 3rd: MPT-7B 2048, recipe pair
     python benchmarks/gpu_session_speed.py ab --dry --out /tmp/speed-dry # CPU dry run of a and b (tiny sizes)
+    p / q: the rows of a and b regrouped (p: both pairs and the stalls; q: 65k), for a session whose
+    first call lost its data (2026-12-01), with a's attention.jsonl seeded into /tmp/foundry-speed.
 
 Each part runs its steps in order of value, each in a child process with a time limit of its own and
 never past the part's budget: a step that no longer fits is skipped and says so, and a slow one cannot eat
@@ -469,6 +471,48 @@ def part_c(s: Session, z: dict) -> None:
         trainer(s, z, "mpt-1b-2048-recipe", RECIPE_1B, over, 150)
 
 
+def part_p(s: Session, z: dict) -> None:
+    """The pairs of a and b after a call whose data prep failed (attention results seeded into STATE):
+    both benchmarks while the data is prepared, then both trainer rows, then the checkpoint stalls."""
+    env_info(s)
+    prep = start_data_prep(s, z)
+    impl = best_attention(s)
+    tri = ";attn-impl=triton" + (",steps=1,warmup=1,micro-batch=1,grad-accum=1" if s.dry else "")
+    for seq, cap in (("2k", 120), ("8k", 90)):
+        variants = "attn-impl=auto,profile=1" + (tri if impl == "triton" else "")
+        bench(s, z, f"mpt-1b {SEQ_NAME[seq]}", shape_args(z, seq), cap, variants)
+    if not wait_data(s, prep):
+        return
+    for seq in ("2k", "8k"):
+        over = trainer_overrides(z, z[f"s{seq}"], z[f"mb{seq}"], z[f"ga{seq}"], z["trainer_steps"],
+                                 z["save_at"], z["model_sets_1b"])  # fmt: skip
+        trainer(s, z, f"mpt-1b-{SEQ_NAME[seq]}", RECIPE_1B, over, 110)
+    checkpoint_stall(s, z, cap=100)
+
+
+def part_r(s: Session, z: dict) -> None:
+    """benchmarks/gpu_session_finetune.py (issues 9, 10, 13) while the data is prepared, then the 2048
+    trainer row with its async save."""
+    env_info(s)
+    prep = start_data_prep(s, z)
+    cmd = [sys.executable, "benchmarks/gpu_session_finetune.py", "--out", str(s.out), "--budget", "330"]
+    s.run("finetune session (issues 9, 10, 13)", cmd + (["--dry"] if s.dry else []), 345, 60)
+    if wait_data(s, prep):
+        over = trainer_overrides(z, z["s2k"], z["mb2k"], z["ga2k"], z["trainer_steps"], z["save_at"],
+                                 z["model_sets_1b"])  # fmt: skip
+        trainer(s, z, "mpt-1b-2048", RECIPE_1B, over, 110)
+
+
+def part_q(s: Session, z: dict) -> None:
+    """65k tokens on one GPU through the CLI (MPT-7B, the StoryWriter recipe), then the checkpoint stalls."""
+    env_info(s)
+    prep = start_data_prep(s, z)
+    impl = best_attention(s)
+    if wait_data(s, prep):
+        run_65k(s, z, impl, cap=200)
+    checkpoint_stall(s, z, cap=100)
+
+
 # --- the table printed last -------------------------------------------------------------------------------------
 
 
@@ -587,7 +631,7 @@ def summary(s: Session) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["a", "b", "c", "ab", "abc"])
+    p.add_argument("part", choices=["a", "b", "c", "ab", "abc", "p", "q", "r"])
     p.add_argument("--out", default=os.environ.get("OUT", "gpu-out"))
     p.add_argument("--budget", type=float, default=520.0, help="seconds for this call (each part of ab/abc)")
     p.add_argument("--dry", action="store_true", help="CPU dry run: tiny sizes, the same steps and commands")
@@ -604,7 +648,7 @@ def main(argv=None) -> int:
         s.log(
             f"part {part}, {time.strftime('%Y-%m-%d %H:%M:%S')}, budget {args.budget:.0f} s, dry={args.dry}"
         )
-        {"a": part_a, "b": part_b, "c": part_c}[part](s, z)
+        {"a": part_a, "b": part_b, "c": part_c, "p": part_p, "q": part_q, "r": part_r}[part](s, z)
         summary(s)
     return 0
 

@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 log = logging.getLogger("foundry")
 
@@ -140,7 +141,7 @@ class Stager:
             event.record(self._stream)
         staged = StagedState(copied, event)
         if self.overlap:
-            staged._hook = torch.optim.optimizer.register_optimizer_step_pre_hook(_wait_before_update(staged))
+            staged._hook = register_optimizer_step_pre_hook(_wait_before_update(staged))
         else:
             event.synchronize()
         self._last = staged

@@ -16,9 +16,9 @@ def _flags_show_no_type() -> None:
     a flag takes none. One place, for every verb (typer offers no setting for it)."""
     from typer.core import TyperOption
 
-    if getattr(TyperOption, "_foundry_flags", False):
-        return
-    shown = TyperOption.display_type_rich
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(TyperOption, "_foundry_flags", False):
+        return  # an older typer (no such hook): its help keeps the types
 
     def display_type_rich(self, ctx):
         return None if self.is_flag else shown(self, ctx)
