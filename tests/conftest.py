@@ -518,7 +518,9 @@ def icl_hf(icl_run, tmp_path_factory) -> Path:
     from foundry.cli.convert import to_hf
 
     out = tmp_path_factory.mktemp("icl_hf") / "hf"
-    to_hf(icl_run, out, dtype="float32", tokenizer=None)
+    # Called as a function, typer's defaults are OptionInfo objects (truthy): every option is given.
+    to_hf(icl_run, out, dtype="float32", tokenizer=None, merge=False, adapter=False, base=False,
+          overwrite=False, max_shard_size="5GB")  # fmt: skip
     return out
 
 

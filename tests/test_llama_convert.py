@@ -126,7 +126,9 @@ def test_from_hf_to_hf_round_trip_gives_identical_tensors(
     )
     assert (cfg.model.rope_scaling is not None) == (scaling is not None)
 
-    to_hf(run_or_checkpoint=weights, out_dir=out, dtype="auto", tokenizer=None, max_shard_size="20KB")
+    # Called as a function, typer's defaults are OptionInfo objects (truthy): every option is given.
+    to_hf(run_or_checkpoint=weights, out_dir=out, dtype="auto", tokenizer=None, max_shard_size="20KB",
+          merge=False, adapter=False, base=False, overwrite=False)  # fmt: skip
     exported = stored_tensors(out)
     assert exported.keys() == original.keys() - ({"lm_head.weight"} if tied else set())
     for name, tensor in exported.items():

@@ -187,6 +187,12 @@ class LlamaConfig(ModelConfig):
     attention, no biases; the output matrix untied from the embedding unless ``tie_word_embeddings``."""
 
     name: str = "llama_causal_lm"
+    # LoRA (foundry/config/lora.py): every Linear of a layer may be adapted (QLoRA's choice: all seven);
+    # norms may train whole. New tokens' rows train in embed_tokens and, untied, in lm_head.
+    lora_targets: ClassVar[tuple[str, ...]] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
+    lora_savable: ClassVar[tuple[str, ...]] = ("input_layernorm", "post_attention_layernorm", "norm")
     d_model: int = 4096
     n_heads: int = 32
     n_layers: int = 32

@@ -85,11 +85,13 @@ def merged(state: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], sc
     return out
 
 
-def apply_token_rows(state: dict[str, torch.Tensor], adapters: dict, ref: dict, embedding: str) -> None:
-    rows = [v for k, v in adapters.items() if k.endswith(TOKEN_ROWS)]
-    if rows:
-        ids = torch.tensor(ref["token_ids"], dtype=torch.long)
-        state[embedding] = state[embedding].index_copy(0, ids, rows[0].float())
+def apply_token_rows(state: dict[str, torch.Tensor], adapters: dict, ref: dict) -> None:
+    """Write trained token rows into their matrices: the embedding's and, untied, the output head's."""
+    ids = torch.tensor(ref["token_ids"], dtype=torch.long)
+    for name, rows in adapters.items():
+        if name.endswith(TOKEN_ROWS):
+            weight = name[: -len(TOKEN_ROWS)] + ".weight"
+            state[weight] = state[weight].index_copy(0, ids, rows.float())
 
 
 def export_lora(
@@ -101,7 +103,7 @@ def export_lora(
 ) -> Path:
     """mode: merge (a plain HF model), adapter (a PEFT adapter folder), base (the base the adapters sit on)."""
     from foundry import checkpoint as ckpt
-    from foundry.convert.hf import adapter_for, export_hf
+    from foundry.convert.hf import export_hf
 
     path = ckpt.resolve_checkpoint(run_or_checkpoint)
     ref = lora_reference(path)
@@ -109,7 +111,6 @@ def export_lora(
         raise FoundryError(f"{path} is a checkpoint of whole-model training; export it without --{mode}")
     cfg = ckpt.checkpoint_config(path)
     adapters = ckpt.load_model_weights(path)
-    embedding = adapter_for(cfg.model).EMBEDDING
     tokenizer = tokenizer or cfg.tokenizer.name
     if mode == "adapter":
         return write_peft_adapter(adapters, cfg, ref, Path(out_dir), dtype)
@@ -118,7 +119,7 @@ def export_lora(
         dequantized(state, adapters, ref.get("nf4_dtype") or "float32")
     if mode == "merge":
         state = merged(state, adapters, cfg.lora.scaling)
-        apply_token_rows(state, adapters, ref, embedding)
+        apply_token_rows(state, adapters, ref)
     elif mode != "base":
         raise FoundryError(f"unknown LoRA export {mode!r}: merge, adapter or base")
     return export_hf(state, cfg.model, ref["rows"], out_dir, tokenizer_dir=tokenizer, dtype=dtype)
@@ -134,11 +135,13 @@ def write_peft_adapter(
     from foundry.convert.hf import DTYPES, adapter_for
 
     family = adapter_for(cfg.model)
-    emb_module = family.hf_name(family.EMBEDDING)[: -len(".weight")]
     tensors: dict[str, torch.Tensor] = {}
+    token_modules: list[str] = []  # HF names of the modules with trained token rows (embedding, untied head)
     for name, tensor in adapters.items():
         if name.endswith(TOKEN_ROWS):
-            key = f"{PEFT_PREFIX}{emb_module}.token_adapter.trainable_tokens_delta"
+            module = family.hf_name(name[: -len(TOKEN_ROWS)] + ".weight")[: -len(".weight")]
+            token_modules.append(module)
+            key = f"{PEFT_PREFIX}{module}.token_adapter.trainable_tokens_delta"
         else:
             key = PEFT_PREFIX + family.hf_name(name)
         tensors[key] = tensor.detach().to("cpu", DTYPES[dtype]).contiguous()
@@ -151,10 +154,13 @@ def write_peft_adapter(
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": sorted(lora.target_modules),
-        "modules_to_save": sorted(lora.modules_to_save) or None,
-        "trainable_token_indices": {emb_module.rsplit(".", 1)[-1]: list(ref["token_ids"])}
-        if ref["token_ids"]
-        else None,
+        "modules_to_save": _peft_modules_to_save(lora.modules_to_save, cfg.model, family) or None,
+        # Keyed by module name (PEFT matches a module whose name ends with the key): one entry for the
+        # embedding, one more for an untied output head, whose rows of these tokens trained on their own.
+        "trainable_token_indices": {
+            m.rsplit(".", 1)[-1]: list(ref["token_ids"]) for m in sorted(token_modules)
+        }
+        or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -168,3 +174,27 @@ def write_peft_adapter(
     tmp.replace(out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _peft_modules_to_save(saved: list[str], model_cfg, family) -> list[str]:
+    """modules_to_save as PEFT matches them: it wraps every module whose name *ends with* an entry (a string
+    suffix), so a leaf name that ends other modules' names too (Llama's final ``norm``: ``input_layernorm``
+    ends with it) is written with as many parents as it takes (``model.norm``) to wrap exactly the modules
+    that trained."""
+    import dataclasses
+
+    from foundry.models.build import build_model
+
+    model = build_model(dataclasses.replace(model_cfg, vocab_size=1), device="meta")
+    modules = {family.hf_name(n).rsplit(".", 1)[0] for n, _ in model.named_parameters()}
+    out = set()
+    for leaf in saved:
+        targets = {m for m in modules if m.rsplit(".", 1)[-1] == leaf}
+        for target in targets:
+            parts = target.split(".")
+            for k in range(1, len(parts) + 1):
+                suffix = ".".join(parts[-k:])
+                if {m for m in modules if m.endswith(suffix)} <= targets:
+                    out.add(suffix)
+                    break
+    return sorted(out)

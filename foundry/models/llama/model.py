@@ -23,6 +23,7 @@ from foundry.errors import ConfigError, FoundryError
 from foundry.models.attention import AttentionPlan, attend, plan_attention, resolve_attn_impl
 from foundry.models.dropout import residual_dropout
 from foundry.models.kv_cache import KVCache
+from foundry.models.lora.layers import embedding_matrix
 from foundry.models.loss import lm_loss
 from foundry.models.norm import RMSNorm
 from foundry.models.rope import apply_rope, inv_frequencies, rope_tables
@@ -194,7 +195,8 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(input_ids, plan)
         if cache is not None:
             cache.advance(seq_len)
-        weight = self.output_weight()
+        # The output matrix as computed with: LoRA's trained token rows in (its own, or the tied embedding's).
+        weight = embedding_matrix(self.model.embed_tokens if self.lm_head is None else self.lm_head)
         if labels is not None:
             # As MPT: the fused chunked loss where its kernel is compiled (CUDA), the plain one on a CPU.
             chunk = self.loss_chunk_size if device.type == "cuda" else None

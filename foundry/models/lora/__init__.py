@@ -9,11 +9,12 @@ from foundry.models.lora.inject import (
     lora_summary,
     nf4_param_names,
 )
-from foundry.models.lora.layers import LoRALinear, TokenRowsEmbedding, embedding_matrix
+from foundry.models.lora.layers import LoRALinear, TokenRowsEmbedding, TokenRowsLinear, embedding_matrix
 
 __all__ = [
     "LoRALinear",
     "TokenRowsEmbedding",
+    "TokenRowsLinear",
     "adapter_param_names",
     "apply_lora",
     "embedding_matrix",

@@ -12,7 +12,13 @@ from torch import nn
 from foundry.config.lora import LoRAConfig
 from foundry.errors import ConfigError
 from foundry.models.lora import nf4
-from foundry.models.lora.layers import LoRAFactor, LoRALinear, TokenRowsEmbedding
+from foundry.models.lora.layers import (
+    LoRAFactor,
+    LoRALinear,
+    TokenRowsEmbedding,
+    TokenRowsLinear,
+    is_token_rows,
+)
 
 log = logging.getLogger("foundry")
 
@@ -26,7 +32,7 @@ def apply_lora(
     shards: int = 1,
 ) -> nn.Module:
     """Replace target Linears by LoRALinear (in place) and freeze everything but the adapters,
-    ``modules_to_save`` and the rows of `token_ids`. `base_dtype`: the frozen tensors' storage dtype
+    ``modules_to_save`` and the rows of `token_ids` (in the embedding and in an untied output head). `base_dtype`: the frozen tensors' storage dtype
     (bf16 under bf16 autocast: they are only ever computed with in bf16); `train_dtype`: the trainable
     tensors' (fp32 master weights; fp64 in the CPU reference mode). `shards`: FSDP2's shard count, for
     NF4's block alignment."""
@@ -47,11 +53,13 @@ def apply_lora(
             f"token ids {bad} are beyond the embedding's {rows} rows", "lora.trainable_token_ids"
         )
     if token_ids:
-        _replace(
-            model,
-            model.get_input_embeddings(),
-            TokenRowsEmbedding.from_embedding(model.get_input_embeddings(), list(token_ids)),
-        )
+        embedding = model.get_input_embeddings()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        _replace(model, embedding, TokenRowsEmbedding.from_embedding(embedding, list(token_ids)))
+        # An untied head (Llama's lm_head) has its own rows of the new tokens: they train too, or a new
+        # token could be read but never predicted. A tied head reads the embedding's rows (embedding_matrix).
+        if head is not None and head.weight is not embedding.weight:
+            _replace(model, head, TokenRowsLinear.from_linear(head, list(token_ids)))
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -60,7 +68,7 @@ def apply_lora(
         if isinstance(module, LoRAFactor) or name.rsplit(".", 1)[-1] in saved:
             for p in module.parameters():
                 p.requires_grad_(True)
-        if isinstance(module, TokenRowsEmbedding):
+        if is_token_rows(module):
             module.token_rows.requires_grad_(True)
     for module in model.modules():
         for pname, p in list(module.named_parameters(recurse=False)):
@@ -107,7 +115,7 @@ def init_token_rows(model: nn.Module) -> None:
     from foundry.models.build import assign_full
 
     for module in model.modules():
-        if isinstance(module, TokenRowsEmbedding):
+        if is_token_rows(module):
             weight = module.weight
             full = weight.full_tensor() if isinstance(weight, DTensor) else weight
             ids = torch.tensor(module.token_ids_list, dtype=torch.long, device=full.device)

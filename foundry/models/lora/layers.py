@@ -5,6 +5,8 @@
 - ``TokenRowsEmbedding``: a frozen embedding whose rows for some token ids are replaced by trainable
   ones (``token_rows``), PEFT's ``trainable_token_indices``. A tied output head reads the same matrix
   through ``embedding_matrix``, so a new token's input and output rows are one trained row, as in MPT.
+- ``TokenRowsLinear``: the same for an untied output head (Llama's ``lm_head``): its rows of those tokens
+  train on their own, beside the embedding's (PEFT's ``trainable_token_indices`` on ``lm_head``).
 """
 
 from __future__ import annotations
@@ -79,23 +81,18 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
 
 
-class TokenRowsEmbedding(nn.Embedding):
-    def __init__(
-        self, num_embeddings: int, embedding_dim: int, token_ids: list[int], device=None, dtype=None
-    ):
-        super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
+class _TokenRows:
+    """Trainable rows (``token_rows``, one per id of ``token_ids_list``) over a frozen ``weight`` of one row
+    per token: the matrix the module computes with is the weight with those rows replaced."""
+
+    weight: torch.Tensor
+
+    def _add_token_rows(self, token_ids: list[int], dim: int, device) -> None:
         self.token_ids_list = sorted(set(token_ids))
         self.token_rows = nn.Parameter(
-            torch.empty(len(self.token_ids_list), embedding_dim, device=device, dtype=torch.float32)
+            torch.empty(len(self.token_ids_list), dim, device=device, dtype=torch.float32)
         )
         self._ids: dict = {}  # the ids as a tensor, per device (not a buffer: to_empty would leave it garbage)
-
-    @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, token_ids: list[int]) -> TokenRowsEmbedding:
-        w = embedding.weight
-        return cls(
-            embedding.num_embeddings, embedding.embedding_dim, token_ids, device=w.device, dtype=w.dtype
-        )
 
     def init_rule(self, param_name: str):
         # token_rows start as copies of the base's rows once the base is loaded (inject.init_token_rows).
@@ -109,10 +106,48 @@ class TokenRowsEmbedding(nn.Embedding):
             ids = self._ids[device] = torch.tensor(self.token_ids_list, dtype=torch.long, device=device)
         return weight.index_copy(0, ids, self.token_rows.to(weight.dtype))
 
+
+class TokenRowsEmbedding(_TokenRows, nn.Embedding):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, token_ids: list[int], device=None, dtype=None
+    ):
+        super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        self._add_token_rows(token_ids, embedding_dim, device)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, token_ids: list[int]) -> TokenRowsEmbedding:
+        w = embedding.weight
+        return cls(
+            embedding.num_embeddings, embedding.embedding_dim, token_ids, device=w.device, dtype=w.dtype
+        )
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.matrix(), self.padding_idx)
 
 
-def embedding_matrix(embedding: nn.Module) -> torch.Tensor:
-    """The token matrix an embedding (and a head tied to it) computes with, trained rows included."""
-    return embedding.matrix() if isinstance(embedding, TokenRowsEmbedding) else embedding.weight
+class TokenRowsLinear(_TokenRows, nn.Linear):
+    """An untied output head ([vocab, d_model] weight, no bias) with trainable rows for some tokens."""
+
+    def __init__(self, in_features: int, out_features: int, token_ids: list[int], device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self._add_token_rows(token_ids, in_features, device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, token_ids: list[int]) -> TokenRowsLinear:
+        if linear.bias is not None:
+            raise ValueError("trainable token rows of an output head with a bias are not supported")
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, token_ids, device=w.device, dtype=w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.matrix())
+
+
+def embedding_matrix(module: nn.Module) -> torch.Tensor:
+    """The token matrix an embedding or output head (and a head tied to an embedding) computes with,
+    trained rows included."""
+    return module.matrix() if isinstance(module, _TokenRows) else module.weight
+
+
+def is_token_rows(module: nn.Module) -> bool:
+    return isinstance(module, _TokenRows)
