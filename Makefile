@@ -19,7 +19,7 @@ FOUNDRY := $(VENV)/bin/foundry
 STDLIB := $(shell python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DEMO := data/demo
 
-.PHONY: install lock demo demo-data demo-tokenizer demo-sft-data demo-sft demo-eval test lint format bench clean
+.PHONY: install lock demo demo-data demo-tokenizer demo-sft-data demo-sft demo-oasst demo-eval test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -69,6 +69,20 @@ demo-sft: demo-sft-data
 	@test -d runs/tiny-cpu/checkpoints || $(MAKE) demo
 	$(FOUNDRY) finetune yamls/finetune/tiny-sft-cpu.yaml load_path=runs/tiny-cpu data.streams.sft.local=$(DEMO)/sft
 	$(FOUNDRY) generate runs/tiny-sft-cpu --chat --prompt 'What does `json.dumps` do?' --max-new-tokens 60
+
+# Open-Assistant's two-stage SFT (yamls/finetune/oasst-llama2-70b-stage1/2) on llama-tiny: a tiny Llama
+# pretrained on the stdlib and exported as a Hugging Face folder (hf/tiny-llama, made if missing) stands in for
+# Llama-2-70b-hf; stage 1 on the docstring chats, stage 2 on others (stage 1's tokenizer) with LIMA dropout.
+demo-oasst: demo-sft-data
+	@test -d runs/tiny-llama-cpu/checkpoints || { $(MAKE) demo-data && \
+		$(FOUNDRY) pretrain yamls/pretrain/tiny-cpu.yaml model=llama-tiny run_name=tiny-llama-cpu; }
+	@test -f hf/tiny-llama/config.json || $(FOUNDRY) convert to-hf runs/tiny-llama-cpu hf/tiny-llama
+	$(PY) -m foundry.data_prep.demo_chat --stdlib $(STDLIB) --out $(DEMO)/docstrings-stage2.jsonl --conversations 600 --seed 1
+	$(FOUNDRY) data-prep sft $(DEMO)/docstrings-stage2.jsonl:val_split=0.05,max_val_set=30 --out $(DEMO)/sft-stage2 \
+		--tokenizer $(DEMO)/sft/tokenizer --seq-len 512 --num-workers 2
+	$(FOUNDRY) finetune yamls/finetune/tiny-llama-oasst-stage1.yaml load_path=hf/tiny-llama
+	$(FOUNDRY) finetune yamls/finetune/tiny-llama-oasst-stage2.yaml
+	$(FOUNDRY) generate runs/tiny-llama-oasst-stage2 --chat --prompt 'What does `json.dumps` do?' --max-new-tokens 60
 
 # After `make demo`: ICL tasks from the stdlib (which function does this docstring describe?), scored on the
 # demo model, and a picture of its run.

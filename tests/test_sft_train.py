@@ -270,9 +270,10 @@ FINETUNE = ROOT / "yamls" / "finetune"
 def test_oa_two_stage_recipe_keeps_the_cards_settings():
     from foundry.cli.plan_report import plan_json
 
-    one = load_config(FINETUNE / "llama2-70b-oasst-sft-v10-stage1.yaml")
+    one = load_config(FINETUNE / "oasst-llama2-70b-stage1.yaml")
     (phase,) = plan_json(one)["phases"]
     assert (phase["steps"], phase["max_seq_len"], one.global_train_batch_size) == (12000, 4096, 64)
+    assert one.device_train_microbatch_size == 2
     opt, sched = one.optimizer, one.scheduler
     assert (opt.name, opt.betas, opt.eps, opt.weight_decay, opt.lr) == (
         "adamw",
@@ -290,7 +291,7 @@ def test_oa_two_stage_recipe_keeps_the_cards_settings():
     specs = {
         s.name: s
         for s in load_datasets_file(
-            FINETUNE / "datasets" / "llama2-70b-oasst-sft-v10-stage1.yaml", DatasetSpec(input="")
+            FINETUNE / "datasets" / "oasst-llama2-70b-stage1.yaml", DatasetSpec(input="")
         )
     }
     assert list(specs) == ["megacode2", "orca-chat", "dolly15k_multilingual", "oa_leet10k"]
@@ -300,10 +301,58 @@ def test_oa_two_stage_recipe_keeps_the_cards_settings():
     assert (specs["oa_leet10k"].val_split, specs["oa_leet10k"].max_val_set) == (0.05, 250)
     assert all(s.min_assistant_tokens == 25 for s in specs.values())
 
-    two = load_config(FINETUNE / "llama2-70b-oasst-sft-v10-stage2.yaml")
+    two = load_config(FINETUNE / "oasst-llama2-70b-stage2.yaml")
     assert plan_json(two)["phases"][0]["steps"] == 519
-    assert (two.model.resid_pdrop, two.model.lima_dropout) == (0.25, True)
+    assert (two.global_train_batch_size, two.device_train_microbatch_size, two.max_seq_len) == (64, 2, 4096)
     assert two.load_path == f"runs/{one.run_name}"
+    # Stage 2's data is prepared with stage 1's tokenizer (its ChatML ids are the ones stage 1 trained)...
+    header = (FINETUNE / "oasst-llama2-70b-stage2.yaml").read_text().split("defaults:")[0]
+    assert f"--tokenizer {one.tokenizer.name}" in header
+    # ... and the model is stage 1's but for the dropout (the same rows: nothing grows at load_path).
+    import dataclasses
+
+    assert dataclasses.replace(two.model, resid_pdrop=0.0, lima_dropout=False) == one.model
+
+
+def test_oa_recipes_are_llama2_70b_with_chatml_rows_and_lima_dropout():
+    """Llama-2-70B's shape (counted by hand from its config.json) with 32,000 + ChatML's 2 rows, unpadded;
+    stage 2's residual dropout 0.25 * l / 79 in Llama's layers; and the GPUs `foundry plan` says it needs."""
+    from foundry.cli.plan_memory import memory_report
+    from foundry.cli.plan_report import plan_json
+    from foundry.data_prep.sft.templates import CHATML_TOKENS
+    from foundry.models import build_model
+
+    one = load_config(FINETUNE / "oasst-llama2-70b-stage1.yaml")
+    two = load_config(FINETUNE / "oasst-llama2-70b-stage2.yaml")
+    m = one.model
+    assert (m.name, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.intermediate_size) == (
+        "llama_causal_lm", 8192, 80, 64, 8, 28672,
+    )  # fmt: skip
+    assert m.vocab_size == 32000 + len(CHATML_TOKENS) == 32002
+    # meta-llama/Llama-2-70b-hf: 68,976,648,192 parameters at 32,000 rows; embedding and untied head grow by 2.
+    d, kv, ffn = 8192, 8 * 128, 28672
+    layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d
+    assert 2 * 32000 * d + 80 * layer + d == 68_976_648_192
+    planned = plan_json(one, world_size=32)
+    assert planned["n_params"] == 2 * 32002 * d + 80 * layer + d
+
+    model = build_model(two.model, device="meta")
+    rates = [(b.resid_attn_dropout.p, b.resid_mlp_dropout.p) for b in model.blocks]
+    assert rates == [(pytest.approx(0.25 * i / 79),) * 2 for i in range(80)]
+    assert rates[0] == (0.0, 0.0) and rates[-1] == (0.25, 0.25)
+
+    # FULL_SHARD + full activation checkpointing, micro-batch 2 x 4096, AdamW: fp32 weights, gradients and two
+    # moments are 16 bytes a parameter, sharded, so no fewer GPUs than 16 x N / (the GPU's memory) can hold it.
+    needed = planned["memory"]["gpus_needed"]
+    assert set(needed) == {"H100", "H200"}
+    for gpu, counts in needed.items():
+        fewest, split = counts["fewest"], counts["fewest_that_split_the_batch"]
+        size = memory_report(one, fewest, gpu).gpu_bytes
+        assert fewest >= 16 * planned["n_params"] / size
+        assert memory_report(one, fewest, gpu).fits and not memory_report(one, fewest - 1, gpu).fits
+        assert split >= fewest and 64 % split == 0 and memory_report(one, split, gpu).fits
+    assert memory_report(one, 32, "H100").fits  # the card's 32 GPUs
+    assert needed["H200"]["fewest"] < needed["H100"]["fewest"]
 
 
 def test_mpt_instruct_and_chat_recipes_plan():
