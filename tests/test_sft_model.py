@@ -385,3 +385,18 @@ def test_cuda_flex_document_mask_matches_masked_sdpa_forward_and_backward():
     loss, grad = run("flex")
     assert abs(loss.item() - loss_ref.item()) < 2e-2
     assert F.cosine_similarity(grad, grad_ref, dim=0) > 0.99
+
+
+def test_flex_kernel_options_for_document_masks_leave_out_blocks_are_contiguous():
+    """BLOCKS_ARE_CONTIGUOUS with a document mask gave a wrong loss and NaN gradients on an H200
+    (benchmarks/sft_grad_check.py, 2026-12-01): it is only for the plain causal mask."""
+    from foundry.models.attention import alibi_slopes, plan_attention
+
+    slopes = alibi_slopes(4)
+    seq_ids = torch.tensor([[0] * 40 + [1] * 60 + [-1] * 28])
+    plain = plan_attention("flex", slopes, 128, torch.float32, {})
+    packed = plan_attention("flex", slopes, 128, torch.float32, {}, seq_ids=seq_ids)
+    assert plain.kernel_options.get("BLOCKS_ARE_CONTIGUOUS") is True
+    assert "BLOCKS_ARE_CONTIGUOUS" not in packed.kernel_options
+    caller = plan_attention("flex", slopes, 128, torch.float32, {}, {"BLOCKS_M": 64}, seq_ids=seq_ids)
+    assert caller.kernel_options == {"BLOCKS_M": 64}

@@ -124,9 +124,9 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-# Every kernel option here holds for any causal mask (with or without document boundaries): each query
-# block attends to one contiguous run of key blocks. Measured on an H100 (MPT-1B shape, seq 8192, 2026-11-22):
-# fwd+bwd 5.27 -> 4.97 ms; MPT-1B at 8k +1.6% tokens/s, MPT-7B at 8k (2x H200) +1.3%; docs/benchmarks.md.
+# For the plain causal mask, where each query block attends to one contiguous run of key blocks (not used
+# with packed sequences' document masks: there it gave NaN gradients on an H200). Measured on an H100
+# (MPT-1B shape, seq 8192, 2026-11-22): fwd+bwd 5.27 -> 4.97 ms; MPT-1B at 8k +1.6% tokens/s, MPT-7B at 8k (2x H200) +1.3%; docs/benchmarks.md.
 CAUSAL_FLEX_OPTIONS = {"BLOCKS_ARE_CONTIGUOUS": True}
 
 
@@ -226,7 +226,10 @@ def plan_attention(
         else:
             plan.block_mask = document_block_mask(seq_ids)
         plan.flex_fn = _compiled_flex_attention()
-        plan.kernel_options = {**CAUSAL_FLEX_OPTIONS, **(kernel_options or {})}
+        # BLOCKS_ARE_CONTIGUOUS is for the plain causal mask only: with document masks it gave a wrong loss
+        # and NaN gradients on an H200 (2026-12-01, benchmarks/sft_grad_check.py; docs/benchmarks.md).
+        base = CAUSAL_FLEX_OPTIONS if seq_ids is None else {}
+        plan.kernel_options = {**base, **(kernel_options or {})}
     elif impl == "torch":
         if slopes is not None:
             bias = alibi_causal_bias(slopes, seq_len)
