@@ -47,7 +47,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     batches = sft_batches(shape, vocab, gen, pin=False)
     for impl in args.impls.split(","):
-        for compile in ([False, True] if device.type == "cuda" else [False]):
+        for compile in [False, True] if device.type == "cuda" else [False]:
             cfg = load_preset(args.model)
             set_attn_impl(cfg, impl)
             cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)
@@ -59,7 +59,8 @@ def main() -> int:
                 model.loss_chunk_size = None
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
             seen = {}
-            def watch(name):
+
+            def watch(name, seen=seen):
                 def hook(grad):
                     seen.setdefault(name, bool(torch.isfinite(grad).all()))
 

@@ -9,7 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, run_cli
+from conftest import run_cli, tiny_run_yaml
 
 from foundry.config.load import load_config
 from foundry.errors import ConfigError, DataError
@@ -103,7 +103,7 @@ def prepared(tmp_path_factory):
 def _config(tmp_path: Path, data: Path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(
-        TINY_RUN.format(
+        tiny_run_yaml(
             steps=2,
             seq=64,
             batch=8,

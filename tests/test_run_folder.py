@@ -41,6 +41,8 @@ def _remark(path: Path) -> None:
         str(f.relative_to(path)) for f in sorted(path.rglob("*")) if f.is_file() and f.name != ckpt.MARKER
     ]
     marker["files"] = {n: (path / n).stat().st_size for n in names}
+    # crc32s (zlib's, an independent reference) in the older markers' form, which still verify.
+    marker.pop("checksum", None), marker.pop("checksums", None)
     marker["crc32"] = {n: zlib.crc32((path / n).read_bytes()) for n in names}
     (path / ckpt.MARKER).write_text(json.dumps(marker))
 

@@ -361,4 +361,6 @@ def _feed(writer, path: Path, dtype: np.dtype, expected: int) -> None:
         return
     stream = np.memmap(path, dtype=dtype, mode="r")
     for at in range(0, len(stream), _MERGE_CHUNK):
-        writer.add_tokens(np.asarray(stream[at : at + _MERGE_CHUNK], dtype=np.int32))
+        chunk = np.asarray(stream[at : at + _MERGE_CHUNK], dtype=np.int32)
+        writer.max_token_id = max(writer.max_token_id, int(chunk.max()))  # preflight's vocabulary check
+        writer.add_tokens(chunk)

@@ -241,7 +241,9 @@ def plan_attention(
             bias = bias.masked_fill(~same_sequence(seq_ids)[:, None], float("-inf"))  # [B, H, S, S]
         plan.bias = bias.to(dtype)  # SDPA wants the bias in the query's dtype
     elif impl == "triton" and slopes is None:
-        raise FoundryError("attn_impl=triton is the fused ALiBi kernel (MPT); use attn_impl: auto for this model")
+        raise FoundryError(
+            "attn_impl=triton is the fused ALiBi kernel (MPT); use attn_impl: auto for this model"
+        )
     elif seq_ids is not None:
         raise FoundryError(
             f"attn_impl={impl} cannot keep packed sequences apart (the batch has seq_ids); "

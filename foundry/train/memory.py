@@ -338,17 +338,24 @@ def estimate_for_run(
     seq_len = (
         max((p.max_seq_len for p in cfg.phases), default=cfg.max_seq_len) if cfg.phases else cfg.max_seq_len
     )
-    return estimate_memory(
+    micro = cfg.device_train_microbatch_size
+    auto = micro == "auto"
+    if auto:  # found at start-up on the GPU (train/microbatch.py): the least it can be is 1
+        micro = 1
+    estimate = estimate_memory(
         cfg.model,
         vocab_size,
         world_size=world_size,
         fsdp=cfg.fsdp_config,
-        micro_batch=cfg.device_train_microbatch_size,
+        micro_batch=micro,
         seq_len=seq_len,
         precision=run_precision(cfg),
         optimizer=cfg.optimizer.name,
         local_world_size=local_world_size,
     )
+    if auto:
+        estimate.notes.append("device_train_microbatch_size: auto: estimated at micro-batch 1 (the floor)")
+    return estimate
 
 
 def batch_splits(cfg: TrainConfig, world_size: int) -> bool:
@@ -357,6 +364,8 @@ def batch_splits(cfg: TrainConfig, world_size: int) -> bool:
         p.global_train_batch_size for p in cfg.phases or [] if p.global_train_batch_size
     ]
     micro = cfg.device_train_microbatch_size
+    if micro == "auto":  # auto picks a divisor of the per-rank batch
+        return all(b % world_size == 0 for b in batches)
     return all(b % world_size == 0 and (b // world_size) % micro == 0 for b in batches)
 
 
