@@ -251,6 +251,17 @@ def test_llama_merged_export_equals_unmerged_forward(trained):
     assert (theirs - _logits(trainer.model, ids)).abs().max() < 1e-5
 
 
+def test_llama_lora_run_evaluates_as_the_model_it_trained(trained):
+    """`foundry eval` / `generate` of a LoRA run (adapters only in its checkpoint) load base + adapters."""
+    from foundry.eval.checkpoint_model import load_model
+
+    tmp, trainer, _ = trained
+    model, cfg, _ = load_model(tmp / "run", torch.device("cpu"))
+    assert cfg.lora is not None
+    ids = _ids()
+    assert (_logits(model, ids) - _logits(trainer.model, ids)).abs().max() < 1e-5
+
+
 # --------------------------------------------------------------------------------------------- QLoRA
 
 

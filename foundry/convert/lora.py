@@ -114,15 +114,22 @@ def export_lora(
     tokenizer = tokenizer or cfg.tokenizer.name
     if mode == "adapter":
         return write_peft_adapter(adapters, cfg, ref, Path(out_dir), dtype)
+    if mode not in ("merge", "base"):
+        raise FoundryError(f"unknown LoRA export {mode!r}: merge, adapter or base")
+    state = merged_state(cfg, adapters, ref, merge=mode == "merge")
+    return export_hf(state, cfg.model, ref["rows"], out_dir, tokenizer_dir=tokenizer, dtype=dtype)
+
+
+def merged_state(cfg, adapters: dict[str, torch.Tensor], ref: dict, merge: bool = True) -> dict:
+    """The whole model a LoRA checkpoint computes with (fp32 foundry names): its base, NF4 round trip
+    where the base was quantized, plus the adapters and token rows (`merge`); export and eval share it."""
     state = base_state(ref, cfg.model)
     if ref.get("quantize_base") == "nf4":
         dequantized(state, adapters, ref.get("nf4_dtype") or "float32")
-    if mode == "merge":
+    if merge:
         state = merged(state, adapters, cfg.lora.scaling)
         apply_token_rows(state, adapters, ref)
-    elif mode != "base":
-        raise FoundryError(f"unknown LoRA export {mode!r}: merge, adapter or base")
-    return export_hf(state, cfg.model, ref["rows"], out_dir, tokenizer_dir=tokenizer, dtype=dtype)
+    return state
 
 
 def write_peft_adapter(

@@ -29,7 +29,14 @@ def load_model(run_or_checkpoint: str | Path, device: torch.device, dtype: torch
 
     path = resolve_checkpoint(run_or_checkpoint)
     cfg = checkpoint_config(path)
-    model = build_from_state(cfg.model, load_model_weights(path), device, dtype).eval()
+    state = load_model_weights(path)
+    if cfg.lora is not None:  # adapters only in the checkpoint: the base + adapters, merged
+        from foundry.convert.lora import lora_reference, merged_state
+
+        ref = lora_reference(path)
+        if ref is not None:
+            state = merged_state(cfg, state, ref)
+    model = build_from_state(cfg.model, state, device, dtype).eval()
     return model, cfg, path
 
 
