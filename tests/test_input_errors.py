@@ -145,12 +145,12 @@ def test_data_prep_records_what_training_compares(prepared):
         (
             ["model.vocab_size=200"],
             "model.vocab_size",
-            r"holds token ids up to \d+, but the model has only 256 embedding rows \(model.vocab_size=200\)",
+            r"holds token ids up to \d+, but the model has only 200 embedding rows \(model.vocab_size=200\)",
         ),
         (
             ["model.vocab_size=200", "tokenizer.name={tok700}"],
             "model.vocab_size",
-            r"256 embedding rows \(model.vocab_size=200\) but the tokenizer \S+tok700 has 700 tokens",
+            r"200 embedding rows \(model.vocab_size=200\) but the tokenizer \S+tok700 has 700 tokens",
         ),
     ],
     ids=["other_tokenizer", "vocab_size_below_the_data", "vocab_size_below_the_tokenizer"],

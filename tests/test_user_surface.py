@@ -91,8 +91,10 @@ def _run_in_pty(cmd: list[str], timeout: float = 300) -> tuple[int, str]:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
     out, deadline = b"", time.time() + timeout
+    poller = select.poll()  # not select(): the suite's process may hold more than 1024 descriptors by now
+    poller.register(master, select.POLLIN)
     while time.time() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
+        ready = poller.poll(500)
         if ready:
             try:
                 chunk = os.read(master, 1 << 16)

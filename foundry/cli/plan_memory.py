@@ -25,18 +25,17 @@ DEFAULT_GPUS = ("H100", "H200")  # what the GPU count is given for when no GPU i
 def plan_vocab_size(cfg: TrainConfig) -> tuple[int | None, str | None]:
     """(embedding rows, None) for the run's model, or (None, why unknown). A tokenizer is read only from a
     local folder: planning needs no network."""
-    from foundry.models.build import family, padded_rows
+    from foundry.models.build import embedding_rows
 
-    multiple = family(cfg.model).vocab_multiple
     if cfg.model.vocab_size:
-        return padded_rows(cfg.model.vocab_size, multiple), None
+        return embedding_rows(cfg.model, None), None
     name = cfg.tokenizer.name
     if not name or not Path(name).expanduser().is_dir():
         return None, "model.vocab_size is null and tokenizer.name is not a local folder: set model.vocab_size"
     from foundry.data.tokenizer import load_tokenizer
 
     try:
-        return padded_rows(len(load_tokenizer(name, **cfg.tokenizer.kwargs)), multiple), None
+        return embedding_rows(cfg.model, len(load_tokenizer(name, **cfg.tokenizer.kwargs))), None
     except FoundryError as e:
         return None, str(e)
 

@@ -67,7 +67,7 @@ def build_model(
     model.pad_vocab_size_multiple (default: the family's multiple). With ``seed`` (and a real device) the weights are initialized; otherwise call init_weights.
     """
     fam = family(cfg)
-    rows = _embedding_rows(cfg, vocab_size, fam.vocab_multiple)
+    rows = embedding_rows(cfg, vocab_size, fam.vocab_multiple)
     cfg = copy.deepcopy(cfg)  # the model owns its config: later edits to the caller's do not leak in
     cfg.vocab_size = rows
     with torch.device(device):
@@ -97,8 +97,10 @@ def build_from_state(
     return model
 
 
-def _embedding_rows(cfg: ModelConfig, tokenizer_vocab: int | None, multiple: int) -> int:
-    """model.vocab_size exactly as given; else the tokenizer's size padded to pad_vocab_size_multiple."""
+def embedding_rows(cfg: ModelConfig, tokenizer_vocab: int | None, multiple: int | None = None) -> int:
+    """model.vocab_size exactly as given; else the tokenizer's size padded to pad_vocab_size_multiple
+    (default: the family's multiple). The one rule for embedding rows: the model, plan and memory use it."""
+    multiple = family(cfg).vocab_multiple if multiple is None else multiple
     if cfg.vocab_size is None and tokenizer_vocab is None:
         raise ConfigError(
             "unknown vocabulary size: set model.vocab_size or give a tokenizer", "model.vocab_size"
