@@ -93,7 +93,7 @@ demo-eval: install
 	$(FOUNDRY) report runs/tiny-cpu --out runs/tiny-cpu/report.png
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 lint: install
 	$(VENV)/bin/ruff check foundry tests benchmarks
