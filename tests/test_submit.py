@@ -83,6 +83,23 @@ def test_dry_run_prints_the_script_with_sbatch_lines_srun_and_torchrun(cli):
     assert not (ROOT / "runs" / "tiny-cpu" / "slurm" / "job.sbatch").exists()
 
 
+@pytest.mark.parametrize("depth", [0, 1, 3, 8])
+def test_the_verb_and_its_config_stay_on_one_line_however_long_the_path(depth):
+    """CI once went red only because its checkout lived at a longer path: the line break fell
+    between `pretrain` and the config."""
+    from foundry.launch.slurm import _wrap
+
+    config = "/" + "/".join(["checkout"] * depth + ["yamls/pretrain/tiny-cpu.yaml"])
+    words = ["srun", "--nodes=$SLURM_NNODES", "/opt/venv/bin/torchrun", "--nproc-per-node=8",
+             "--rdzv-id=\"$SLURM_JOB_ID.$RESTART\"", "--max-restarts=0", "-m", "foundry.cli.main",
+             "pretrain", config, "train.max_steps=3"]  # fmt: skip
+    script = _wrap(words)
+    assert f"pretrain {config}" in script
+    assert "-m foundry.cli.main" in script
+    # the wrapped text is still the same shell words
+    assert script.replace(" \\\n    ", " ").split() == words
+
+
 def test_dry_run_of_a_cpu_run_uses_the_profile_and_is_valid_bash(foundry, tiny_run, tmp_path):
     config = tiny_run()
     code, out, err = foundry("submit", str(config), "--cluster", "local", "--dry-run", f"save_folder={tmp_path / 'run'}",

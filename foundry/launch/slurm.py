@@ -40,16 +40,14 @@ def _word(arg: str) -> str:
 
 def _wrap(words: list[str], indent: str = "    ") -> str:
     """Words on lines of about 100 characters, continued with backslashes. An option and its value
-    (`--index 3`, `-m foundry.cli.main`) stay on one line."""
+    (`--index 3`, `-m foundry.cli.main`) stay on one line, and so do two positional words in a row
+    (`pretrain CONFIG`), so that the command a user greps for never breaks wherever the path is long."""
     units: list[str] = []
     for w in words:
-        if (
-            units
-            and units[-1].startswith("-")
-            and " " not in units[-1]
-            and "=" not in units[-1]
-            and not w.startswith("-")
-        ):
+        last = units[-1] if units else None
+        takes_value = last is not None and last.startswith("-") and " " not in last and "=" not in last
+        pair = last is not None and not last.startswith("-") and " " not in last
+        if last is not None and not w.startswith("-") and (takes_value or pair):
             units[-1] += " " + w
         else:
             units.append(w)
