@@ -108,13 +108,13 @@ CAUSAL_LM_INPUTS = ["input_ids", "attention_mask"]
 
 
 def _save_tokenizer(tokenizer_dir: str, out: Path) -> dict:
-    from transformers import AutoTokenizer
+    from foundry.data.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     if list(tokenizer.model_input_names) != CAUSAL_LM_INPUTS:
         # token_type_ids (the fast tokenizer's default) make model.generate(**tok(text)) fail: a causal LM
         # takes ids and the attention mask only. Reloaded with the names set, they are saved with it.
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, model_input_names=CAUSAL_LM_INPUTS)
+        tokenizer = load_tokenizer(tokenizer_dir, model_input_names=CAUSAL_LM_INPUTS)
     tokenizer.save_pretrained(out)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if tokenizer.pad_token_id is not None:

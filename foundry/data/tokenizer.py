@@ -52,18 +52,47 @@ def tokenizer_identity(name_or_path: str) -> tuple[int, str | None]:
 
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
-    """A transformers tokenizer from a local folder, or from a hub name (needs a network the first time)."""
-    from transformers import AutoTokenizer
-
+    """A transformers tokenizer from a folder, a bare tokenizer.json, or a hub name (needs a network
+    the first time). Raises FoundryError with transformers' first line, not its pages."""
     path = Path(name_or_path).expanduser()
     if path.is_dir() and not has_tokenizer_files(path):
         raise FoundryError(no_tokenizer_message(path))
     try:
+        if path.is_file() or _generic_fast(path):
+            # What AutoTokenizer would build here, without importing transformers' model registry:
+            # about 5 CPU-seconds (scikit-learn and scipy included) in every process that loads one.
+            from transformers import PreTrainedTokenizerFast
+
+            if path.is_file():
+                return PreTrainedTokenizerFast(tokenizer_file=str(path), **kwargs)
+            return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, ... with pages of text
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "folder" if path.exists() else "hub name (needs a network the first time)"
         raise FoundryError(f"cannot load tokenizer {name_or_path!r} ({where}): {first}") from None
+
+
+def _generic_fast(folder: Path) -> bool:
+    """Whether AutoTokenizer would pick the generic PreTrainedTokenizerFast for `folder`: a tokenizer.json
+    whose tokenizer_config.json names that class, or names none with no model config.json beside it to
+    choose a model's own class (LlamaTokenizerFast, GPT2TokenizerFast: they add their own behaviour)."""
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    config = folder / "tokenizer_config.json"
+    try:
+        named = (
+            json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+            if config.is_file()
+            else None
+        )
+    except (OSError, ValueError, AttributeError):
+        return False  # let AutoTokenizer read it and say what is wrong
+    if named is None:
+        return not (folder / "config.json").is_file()
+    return named == "PreTrainedTokenizerFast"
 
 
 def run_tokenizer(cfg: TokenizerConfig):

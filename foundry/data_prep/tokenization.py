@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from foundry.data_prep.sources import Chunk, JsonArray, JsonLines, TextFiles, Texts
-from foundry.errors import DataError
+from foundry.errors import DataError, FoundryError
 
 log = logging.getLogger("foundry.data_prep")
 
@@ -113,13 +113,12 @@ def load_tokenizer_spec(name_or_path: str) -> TokenizerSpec:
 def _load_with_transformers(name: str, path: Path):
     from tokenizers import Tokenizer
 
-    try:
-        from transformers import AutoTokenizer
+    from foundry.data.tokenizer import load_tokenizer
 
-        hf = AutoTokenizer.from_pretrained(name)
-    except Exception as e:
-        where = "folder" if path.exists() else "hub name"
-        raise DataError(f"cannot load tokenizer {name!r} ({where}): {e}") from e
+    try:
+        hf = load_tokenizer(name)
+    except FoundryError as e:
+        raise DataError(str(e)) from None
     if not getattr(hf, "is_fast", False):
         raise DataError(f"tokenizer {name!r} has no fast (Rust) version; data-prep needs one")
     text = hf.backend_tokenizer.to_str()

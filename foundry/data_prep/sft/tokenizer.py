@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from foundry.data_prep.sft.templates import CHATML_JINJA, CHATML_TOKENS, IM_END
-from foundry.errors import ConfigError, DataError
+from foundry.errors import ConfigError, DataError, FoundryError
 
 log = logging.getLogger("foundry.data_prep")
 
@@ -60,23 +60,13 @@ class ChatTokenizer:
 
 
 def _load_hf(name: str):
-    from transformers import PreTrainedTokenizerFast
+    from foundry.data.tokenizer import load_tokenizer
 
     path = Path(name).expanduser()
     try:
-        if path.is_file():  # a bare tokenizer.json
-            hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
-        elif (path / "tokenizer.json").is_file():
-            # The generic fast class reads any tokenizer.json folder; AutoTokenizer would also import
-            # transformers' model registry (seconds of start-up, scikit-learn included).
-            hf = PreTrainedTokenizerFast.from_pretrained(str(path))
-        else:  # a hub name, or a folder with only a sentencepiece model
-            from transformers import AutoTokenizer
-
-            hf = AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
-    except Exception as e:
-        where = "folder" if path.exists() else "hub name"
-        raise DataError(f"cannot load tokenizer {name!r} ({where}): {e}") from e
+        hf = load_tokenizer(name)
+    except FoundryError as e:
+        raise DataError(str(e)) from None
     if not getattr(hf, "is_fast", False):
         raise DataError(f"tokenizer {name!r} has no fast (Rust) version; data-prep needs one")
     if hf.eos_token is None:
