@@ -37,7 +37,9 @@ print(heavy, version)
 
 
 def test_streaming_imports_without_its_example_datasets_and_they_still_import_on_access():
-    result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     heavy, version = result.stdout.strip().rsplit(" ", 1)
     assert heavy == "[]", f"a training process imported {heavy}"
@@ -74,7 +76,9 @@ def trained(tmp_path_factory) -> Path:
     from foundry.data_prep import TokenizerTrainOptions, train_tokenizer
 
     corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "a.txt").write_text((Path(json.__file__).read_text(encoding="utf-8") + "\n") * 2, encoding="utf-8")
+    (corpus / "a.txt").write_text(
+        (Path(json.__file__).read_text(encoding="utf-8") + "\n") * 2, encoding="utf-8"
+    )
     out = tmp_path_factory.mktemp("tok") / "tok"
     train_tokenizer([str(corpus)], TokenizerTrainOptions(out=out, vocab_size=300, progress=False))
     return out
