@@ -15,6 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite starts a few hundred Python processes; where the machine sets PYTHONDONTWRITEBYTECODE (CI's
+# does), each would compile foundry's modules again (~1 s). Bytecode caches go to __pycache__ (ignored).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 # Fault injection (tests/fault_injection.py) rides along in every run the tests start, inert unless a
 # FOUNDRY_TEST_* variable asks for a fault: production code has no test hooks.
 os.environ["FOUNDRY_CALLBACKS"] = f"{ROOT / 'tests' / 'fault_injection.py'}:FaultInjection"

@@ -370,11 +370,12 @@ def test_close_frees_shared_memory_and_the_cache_folder(tmp_path):
     src = write_windows(tmp_path / "src", 1, 20)
     cache = tmp_path / "cache"
     data = DataConfig(streams={"a": StreamConfig(remote=str(src), local=str(cache))}, num_workers=0)
-    before = _shm_files()
     first = loader(data)
     steps = [step_rows(first.next_step()) for _ in range(3)]
+    (prefix,) = _registrations_of(cache)  # this loader's; other jobs may hold segments of their own meanwhile
+    assert any(name.startswith(prefix) for name in _shm_files())
     first.close()
-    assert _shm_files() <= before
+    assert not any(name.startswith(prefix) for name in _shm_files())
     with loader(data) as again:  # e.g. a phase loader rebuilt after a resume
         assert all(torch.equal(step_rows(again.next_step()), s) for s in steps)
 

@@ -261,6 +261,31 @@ def test_sft_run_resumes_exactly(tmp_path, tok_dir):
     assert resumed == pytest.approx(whole, abs=1e-6)
 
 
+def test_a_model_without_the_rows_of_the_datas_added_tokens_is_refused_naming_the_datas_tokenizer(
+    tmp_path, tok_dir, monkeypatch
+):
+    """ChatML data-prep adds <|im_start|>/<|im_end|> to a tokenizer that lacks them: a model sized for the
+    base tokenizer (and no tokenizer.name) is refused before it is built, pointing at the data's tokenizer."""
+    import foundry.train.parallel as parallel
+    from foundry.data.tokenizer import load_tokenizer
+    from foundry.errors import ConfigError
+    from foundry.train.trainer import train
+
+    data = prepare(tmp_path, tok_dir, "chats", noise_chats(40, 3))
+    made_with = json.loads((data / "manifest.json").read_text())["tokenizer"]
+    base = made_with["vocab_size"] - len(made_with["added_tokens"])  # the tokenizer before data-prep
+    assert made_with["added_tokens"] and base == len(load_tokenizer(str(tok_dir)))
+    monkeypatch.setattr(parallel, "build_parallel_model", lambda *a, **k: pytest.fail("model built"))
+    cfg = load_config(
+        sft_config(tmp_path, data),
+        [f"save_folder={tmp_path / 'run'}", "tokenizer.name=null", f"model.vocab_size={base}"],
+    )
+    with pytest.raises(ConfigError, match=rf"prepared with a {made_with['vocab_size']}-token tokenizer") as e:
+        train(cfg)
+    assert e.value.path == "tokenizer.name" and f"{data}/tokenizer" in str(e.value)
+    assert "<|im_end|>" in str(e.value)
+
+
 # ---------------------------------------------------------------- the recipes
 
 

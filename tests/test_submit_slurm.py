@@ -38,7 +38,12 @@ def _slurm_missing() -> str | None:
 MISSING = _slurm_missing()
 if MISSING and os.environ.get("CI"):
     raise RuntimeError(f"CI must run the SLURM tests: {MISSING}")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
+# One node of 2 CPUs: the jobs of these tests run one after another (one pytest worker, `make test`'s loadgroup).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),
+    pytest.mark.xdist_group("slurm"),
+]
 
 
 _SUBMITTED: list[str] = []

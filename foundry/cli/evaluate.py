@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -80,21 +81,34 @@ def eval_cmd(
         return
     _tasks(
         run_or_checkpoint,
-        tasks,
-        gauntlet,
-        lm_eval_tasks,
-        include_path,
-        num_fewshot,
-        limit,
-        batch_size,
-        bootstrap_iters,
-        tokenizer,
-        device,
-        precision,
+        TaskRun(
+            tasks=tasks,
+            gauntlet=gauntlet,
+            lm_eval_tasks=_task_names(lm_eval_tasks),
+            include_path=include_path,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch_size,
+            bootstrap_iters=bootstrap_iters,
+            samples=samples,
+        ),
+        LoadOptions(tokenizer=tokenizer, device=device, precision=precision),
         out,
-        samples,
         as_json,
     )
+
+
+def _task_names(option: str | None) -> list[str] | None:
+    if option is None:
+        return None
+    names = [t.strip() for t in option.split(",") if t.strip()]
+    if not names:
+        from foundry.errors import ConfigError
+
+        raise ConfigError(
+            "names no task: give lm-eval task names, e.g. --lm-eval hellaswag,arc_easy", "--lm-eval"
+        )
+    return names
 
 
 def _perplexity(run_or_checkpoint, config, overrides, max_batches, as_json) -> None:
@@ -110,57 +124,66 @@ def _perplexity(run_or_checkpoint, config, overrides, max_batches, as_json) -> N
         )
 
 
-def _tasks(
-    run_or_checkpoint,
-    tasks,
-    gauntlet,
-    lm_eval_tasks,
-    include_path,
-    num_fewshot,
-    limit,
-    batch_size,
-    bootstrap_iters,
-    tokenizer,
-    device,
-    precision,
-    out,
-    samples,
-    as_json,
-) -> None:
+@dataclass(frozen=True)
+class TaskRun:
+    """What --tasks / --lm-eval run: ICL tasks (and a gauntlet over them), lm-eval tasks, and their knobs."""
+
+    tasks: Path | None
+    gauntlet: Path | None
+    lm_eval_tasks: list[str] | None
+    include_path: Path | None
+    num_fewshot: int | None
+    limit: int | None
+    batch_size: int | None  # None: the run's device_eval_batch_size
+    bootstrap_iters: int
+    samples: bool
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the checkpoint is loaded for evaluation."""
+
+    tokenizer: str | None
+    device: str
+    precision: str
+
+
+def _tasks(run_or_checkpoint: Path, run: TaskRun, load: LoadOptions, out: Path, as_json: bool) -> None:
     from rich.console import Console
 
     from foundry.eval.checkpoint_model import load_eval_model
     from foundry.eval.results import gauntlet_table, icl_document, icl_table, lm_eval_document, write_json
     from foundry.eval.suite import run_icl, run_lm_eval
 
-    if tasks is not None:  # read and check the tasks before loading weights
+    if run.tasks is not None:  # read and check the tasks before loading weights
         from foundry.config.icl import load_icl_file
 
-        load_icl_file(tasks, "--tasks")
-    em = load_eval_model(run_or_checkpoint, device=device, tokenizer=tokenizer, precision=precision)
-    rows = batch_size or em.config.device_eval_batch_size
+        load_icl_file(run.tasks, "--tasks")
+    em = load_eval_model(
+        run_or_checkpoint, device=load.device, tokenizer=load.tokenizer, precision=load.precision
+    )
+    rows = run.batch_size or em.config.device_eval_batch_size
     console = Console(width=120) if not as_json else None
     document: dict = {"checkpoint": str(em.checkpoint), "device": str(em.device), "precision": em.precision}
-    if tasks is not None:
-        results = run_icl(em, tasks, gauntlet, batch_size=rows, limit=limit, progress=not as_json)
-        document["icl"] = icl_document(results, samples=samples)
+    if run.tasks is not None:
+        results = run_icl(em, run.tasks, run.gauntlet, batch_size=rows, limit=run.limit, progress=not as_json)
+        document["icl"] = icl_document(results, samples=run.samples)
         if console is not None:
             console.print(icl_table(results))
             if results.gauntlet is not None:
                 console.print(gauntlet_table(results.gauntlet))
             console.print(f"{results.examples:,} examples in {results.seconds:.1f} s")
-    if lm_eval_tasks is not None:
+    if run.lm_eval_tasks is not None:
         from lm_eval.utils import make_table
 
-        names = [t.strip() for t in lm_eval_tasks.split(",") if t.strip()]
         raw = run_lm_eval(
             em,
-            names,
-            include_path=include_path,
-            num_fewshot=num_fewshot,
-            limit=limit,
+            run.lm_eval_tasks,
+            include_path=run.include_path,
+            num_fewshot=run.num_fewshot,
+            limit=run.limit,
             batch_size=rows,
-            bootstrap_iters=bootstrap_iters,
+            bootstrap_iters=run.bootstrap_iters,
         )
         document["lm_eval"] = lm_eval_document(raw)
         if console is not None:

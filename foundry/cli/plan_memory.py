@@ -22,9 +22,10 @@ from foundry.train.memory import (
 DEFAULT_GPUS = ("H100", "H200")  # what the GPU count is given for when no GPU is named
 
 
-def plan_vocab_size(cfg: TrainConfig) -> tuple[int | None, str | None]:
-    """(embedding rows, None) for the run's model, or (None, why unknown). A tokenizer is read only from a
-    local folder: planning needs no network."""
+def plan_embedding_rows(cfg: TrainConfig) -> tuple[int | None, str | None]:
+    """(embedding rows, None) for the run's model, or (None, why unknown): the one lookup behind plan's
+    parameter count and memory estimate. A tokenizer is read only from a local folder: planning needs no
+    network."""
     from foundry.models.build import embedding_rows
 
     if cfg.model.vocab_size:
@@ -54,7 +55,7 @@ class MemoryReport:
 def memory_report(
     cfg: TrainConfig, world_size: int, gpu: str | None = None, gpus_per_node: int = 8
 ) -> MemoryReport:
-    vocab, why = plan_vocab_size(cfg)
+    vocab, why = plan_embedding_rows(cfg)
     if vocab is None:
         return MemoryReport(None, why)
     estimate = estimate_for_run(cfg, world_size, vocab, gpus_per_node)

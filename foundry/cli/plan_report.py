@@ -17,7 +17,6 @@ from typing import Any
 from foundry.config.plan import RunPlan, make_plan
 from foundry.config.schema import TrainConfig
 from foundry.data.mixture import PROPORTION_SUM_TOLERANCE, epoch_tokens, source_shares, tokens_in_source
-from foundry.errors import FoundryError
 
 # Reading a source more often than this adds little (repeated tokens lose value fast) and usually means
 # a proportion or token count is off. MPT-7B itself reads Wikipedia 8.2 times; MPT-7B-8k peaks at 4.6.
@@ -125,15 +124,16 @@ def plan_rows(cfg: TrainConfig) -> list[PhaseRow]:
 
 def model_params(cfg: TrainConfig) -> int | None:
     """The model's parameter count (tied output matrix once), from a meta-device build: no memory, no
-    weights. None when the vocabulary size is unknown here (no model.vocab_size, tokenizer unreachable)."""
-    from foundry.data.tokenizer import resolve_vocab_size
+    weights. None when the embedding rows are unknown here (see plan_embedding_rows)."""
+    import dataclasses
+
+    from foundry.cli.plan_memory import plan_embedding_rows
     from foundry.models.build import build_model, num_params
 
-    try:
-        vocab = resolve_vocab_size(cfg)
-    except FoundryError:
+    rows, _ = plan_embedding_rows(cfg)
+    if rows is None:
         return None
-    return num_params(build_model(cfg.model, vocab_size=vocab, device="meta"))
+    return num_params(build_model(dataclasses.replace(cfg.model, vocab_size=rows), device="meta"))
 
 
 def _stream_json(s: SourceRow) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from foundry.config.schema import TokenizerConfig, TrainConfig
+from foundry.config.schema import TokenizerConfig
 from foundry.errors import ConfigError, FoundryError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -99,15 +99,3 @@ def run_tokenizer(cfg: TokenizerConfig):
     if not cfg.name:
         raise ConfigError("no tokenizer: set tokenizer.name to a folder or hub name", "tokenizer.name")
     return load_tokenizer(cfg.name, **cfg.kwargs)
-
-
-def resolve_vocab_size(cfg: TrainConfig) -> int:
-    """The model's vocabulary: model.vocab_size if set, else the size of the run's tokenizer."""
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    if not cfg.tokenizer.name:
-        raise ConfigError(
-            "set model.vocab_size or tokenizer.name (the model's vocabulary comes from one of them)",
-            "model.vocab_size",
-        )
-    return len(run_tokenizer(cfg.tokenizer))

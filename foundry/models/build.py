@@ -103,7 +103,8 @@ def embedding_rows(cfg: ModelConfig, tokenizer_vocab: int | None, multiple: int 
     multiple = family(cfg).vocab_multiple if multiple is None else multiple
     if cfg.vocab_size is None and tokenizer_vocab is None:
         raise ConfigError(
-            "unknown vocabulary size: set model.vocab_size or give a tokenizer", "model.vocab_size"
+            "set model.vocab_size or tokenizer.name (the model's vocabulary comes from one of them)",
+            "model.vocab_size",
         )
     if cfg.vocab_size is None:
         return padded_rows(tokenizer_vocab, cfg.pad_vocab_size_multiple or multiple)

@@ -3,7 +3,8 @@
 - the step geometry of every phase (shared with `foundry plan`: foundry/data/geometry.py);
 - every local shard against index.json (sizes always; hashes with ``data.validate_hash``);
 - the vocabulary: the data's tokenizer (recorded by data-prep in manifest.json, with the largest token
-  id) against the run's tokenizer and the model's embedding rows.
+  id; for SFT data the special tokens it added) against the run's tokenizer and the model's embedding
+  rows (models.build.embedding_rows, the one rule).
 """
 
 from __future__ import annotations
@@ -38,35 +39,22 @@ def check_shards(cfg: TrainConfig, plan: RunPlan, hashes: bool = True) -> None:
         mds.check_shards(stream, where, data.validate_hash if hashes else None)
 
 
-def embedding_rows(cfg: TrainConfig, tokenizer_vocab: int | None) -> int:
-    from foundry.models.build import family, padded_rows
-
-    multiple = cfg.model.pad_vocab_size_multiple or family(cfg.model).vocab_multiple
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size  # as given, never padded (build_model's rule: llm-foundry's 50368 stays)
-    if tokenizer_vocab is None:
-        raise ConfigError(
-            "set model.vocab_size or tokenizer.name (the model's vocabulary comes from one of them)",
-            "model.vocab_size",
-        )
-    return padded_rows(tokenizer_vocab, multiple)
-
-
 def check_vocabulary(cfg: TrainConfig, plan: RunPlan) -> tuple[int | None, int]:
     """(the run's tokenizer size or None without tokenizer.name, the model's embedding rows), after checking
     that tokenizer, model and every stream's data agree: the data was made with this tokenizer, and every
     id fits the embedding."""
     from foundry.data.tokenizer import tokenizer_identity
+    from foundry.models.build import embedding_rows
 
     tok_vocab, tok_fp = tokenizer_identity(cfg.tokenizer.name) if cfg.tokenizer.name else (None, None)
-    rows = embedding_rows(cfg, tok_vocab)
-    if tok_vocab is not None and tok_vocab > rows:
+    if tok_vocab is not None and cfg.model.vocab_size and tok_vocab > cfg.model.vocab_size:
         raise ConfigError(
-            f"the model has {rows} embedding rows (model.vocab_size={cfg.model.vocab_size}) but the tokenizer "
-            f"{cfg.tokenizer.name} has {tok_vocab} tokens; raise model.vocab_size or set it to null "
-            "(then the tokenizer's size is used)",
+            f"the model has {cfg.model.vocab_size} embedding rows (model.vocab_size={cfg.model.vocab_size}) but "
+            f"the tokenizer {cfg.tokenizer.name} has {tok_vocab} tokens; raise model.vocab_size or set it to "
+            "null (then the tokenizer's size is used)",
             "model.vocab_size",
         )
+    rows = embedding_rows(cfg.model, tok_vocab)
     for where, stream, _ in _streams(cfg, plan).values():
         manifest = mds.read_manifest(stream)
         if manifest is None:
@@ -87,6 +75,15 @@ def check_vocabulary(cfg: TrainConfig, plan: RunPlan) -> tuple[int | None, int]:
                     "set tokenizer.name to the data's tokenizer, or prepare the data with this one",
                     "tokenizer.name",
                 )
+        if manifest.get("kind") == "sft" and data_vocab and int(data_vocab) > rows:
+            # Said before the ids check: the fix is the data's own tokenizer (with the added special tokens).
+            raise ConfigError(
+                f"{where} ({folder}) was prepared with a {data_vocab}-token tokenizer (special tokens "
+                f"{made_with.get('added_tokens') or []} added), but the model has {rows} embedding rows; set "
+                f"tokenizer.name to the data's tokenizer ({stream.local or folder}/tokenizer) and "
+                "model.vocab_size: null (or a size that holds it)",
+                "tokenizer.name",
+            )
         top = manifest.get("max_token_id")
         if top is not None and int(top) >= rows:
             raise ConfigError(

@@ -24,7 +24,7 @@ from foundry.config.plan import PhasePlan, RunPlan, make_plan
 from foundry.config.schema import TrainConfig
 from foundry.data.fingerprint import check_data_unchanged, data_fingerprint
 from foundry.data.mixture import epoch_tokens
-from foundry.errors import ConfigError, FoundryError
+from foundry.errors import FoundryError
 from foundry.runtime import dist as fdist
 from foundry.runtime.precision import resolve_precision
 from foundry.runtime.preemption import Preemption
@@ -131,7 +131,6 @@ class Trainer:
             token_ids=self.token_ids,
         )
         self.lora_base: dict | None = None  # a LoRA run's base reference, set when the base is loaded
-        _check_sft_vocabulary(self.plan, self.model.get_input_embeddings().weight.shape[0])
         self.identity = run_identity(cfg, rows)  # stored in every checkpoint, compared on resume
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         first = self.plan.phases[0]
@@ -400,26 +399,6 @@ class Trainer:
                 f"stopping. The last good checkpoint is in {self.checkpointer.root}; lower optimizer.lr or check "
                 "the data."
             )
-
-
-def _check_sft_vocabulary(plan: RunPlan, rows: int) -> None:
-    """SFT data made with added special tokens needs a model (and tokenizer) that has them."""
-    from foundry.data import mds
-
-    for phase in plan.phases:
-        for name, stream in phase.data.streams.items():
-            manifest = mds.read_manifest(stream) or {}
-            tokenizer = manifest.get("tokenizer") if manifest.get("kind") == "sft" else None
-            if not isinstance(tokenizer, dict) or not tokenizer.get("vocab_size"):
-                continue
-            if tokenizer["vocab_size"] > rows:
-                raise ConfigError(
-                    f"data.streams.{name} was prepared with a {tokenizer['vocab_size']}-token tokenizer "
-                    f"(special tokens {tokenizer.get('added_tokens') or []} added), but the model has {rows} "
-                    f"embedding rows; set tokenizer.name to the data's tokenizer ({stream.local}/tokenizer) "
-                    "and model.vocab_size: null (or a size that holds it)",
-                    "tokenizer.name",
-                )
 
 
 def _user_callbacks(cfg: TrainConfig) -> list[Callback]:
