@@ -463,7 +463,7 @@ def run_foundry(args, env: fdist.DistEnv) -> dict:
         cfg, model.vocab_size, world_size=env.world_size, fsdp=fsdp_cfg, micro_batch=args.micro_batch,
         seq_len=args.seq_len, precision=args.precision, optimizer=args.optimizer,
         fused_loss=model.loss_chunk_size is not None and device.type == "cuda",
-        loss_chunk=model.loss_chunk_size or 4096, fsdp_applied=torch.distributed.is_initialized(),
+        loss_chunk=model.loss_chunk_size or 4096, fsdp_applied=torch.distributed.is_initialized(), lora=lora,
     )  # fmt: skip
     out.update(
         family=cfg.name,

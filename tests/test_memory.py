@@ -192,6 +192,104 @@ def test_layer_activation_bytes_are_what_autograd_saves(cfg, dtype):
     assert layer_activation_bytes(cfg, c) - slack <= measured <= layer_activation_bytes(cfg, c), measured
 
 
+# --- LoRA / QLoRA --------------------------------------------------------------------------------------------
+
+
+def _preset(name: str):
+    import yaml
+
+    from foundry.config.load import from_dict
+    from foundry.config.model import ModelConfig
+
+    return from_dict(
+        ModelConfig, yaml.safe_load((ROOT / "yamls" / "model" / f"{name}.yaml").read_text()), "model"
+    )
+
+
+def _lora(cfg, kind: str):
+    from foundry.config.lora import LoRAConfig
+
+    if kind == "none":
+        return None
+    return LoRAConfig(
+        r=16,
+        alpha=32,
+        target_modules=list(cfg.lora_targets),
+        quantize_base="nf4" if kind == "qlora" else None,
+    )
+
+
+# Peaks (torch.cuda.max_memory_allocated, GB) measured on one H200 on 2026-12-01 by benchmarks/throughput.py:
+# seq 2048, full AC, Lion, compiled, FSDP2 on a 1-rank group (QLoRA unwrapped), r 16 on every Linear of a
+# block (docs/gpu-logs/2026-12-01-h200-r-results.jsonl and -s-results.jsonl). Trained parameters by hand:
+# MPT-7B 32 x 16 x (4096+12288 + 4096+4096 + 4096+16384 + 16384+4096); Llama 3 8B 32 x 16 x (2 x 8192 +
+# 2 x 5120 + 2 x 18432 + 18432).
+H200_PEAKS = [
+    ("mpt-7b", 50432, 8, "none", 82.68, None),
+    ("mpt-7b", 50432, 8, "lora", 23.85, 33_554_432),
+    ("mpt-7b", 50432, 8, "qlora", 13.74, 33_554_432),
+    ("llama3-8b", 128256, 4, "lora", 27.76, 41_943_040),
+    ("llama3-8b", 128256, 4, "qlora", 14.83, 41_943_040),
+]
+
+
+@pytest.mark.parametrize(
+    "preset,rows,micro,kind,peak_gb,trained", H200_PEAKS, ids=[f"{p[0]}-{p[3]}" for p in H200_PEAKS]
+)
+def test_lora_and_qlora_estimates_hold_the_peaks_measured_on_an_h200(
+    preset, rows, micro, kind, peak_gb, trained
+):
+    cfg = _preset(preset)
+    e = estimate_memory(
+        cfg, rows, world_size=1, fsdp=FSDPConfig(activation_checkpointing="full"), micro_batch=micro,
+        seq_len=2048, optimizer="decoupled_lionw", fsdp_applied=True, lora=_lora(cfg, kind),
+    )  # fmt: skip
+    assert e.trained_params == trained
+    assert 0.88 < peak_gb * 1e9 / e.total < 1.12, (e.total / 1e9, peak_gb)
+
+
+def test_lora_parameters_are_trained_fp32_and_a_frozen_base_with_no_gradients_or_optimizer_state():
+    cfg = _preset("mpt-7b")
+    n, trained = 6_649_286_656, 33_554_432  # the base (tied embedding once) and the adapters
+    args = dict(world_size=8, fsdp=FSDPConfig(activation_checkpointing="full"), micro_batch=1, seq_len=8192,
+                optimizer="adamw")  # fmt: skip
+    whole = estimate_memory(cfg, 50432, **args)
+    lora = estimate_memory(cfg, 50432, lora=_lora(cfg, "lora"), **args)
+    qlora = estimate_memory(cfg, 50432, lora=_lora(cfg, "qlora"), **args)
+    assert whole.n_params == lora.n_params == n
+    assert lora.gradients == qlora.gradients == 4 * trained // 8
+    assert lora.optimizer_state == 2 * 4 * trained // 8
+    # bf16 base (2 bytes a weight) beside fp32 adapters; NF4 stores the adapted Linears at ~0.516 bytes.
+    assert lora.parameters == int((4 * trained + 2 * n) / 8)
+    adapted = 32 * (4096 * 12288 + 4096 * 4096 + 2 * 4096 * 16384)
+    nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)
+    assert qlora.parameters == int((4 * trained + 2 * (n - adapted) + nf4 * adapted) / 8)
+    assert qlora.total < lora.total < whole.total
+    # Checkpointed blocks keep their input either way; without AC each layer also keeps 4 adapters' rank-16
+    # outputs (bf16, 8192 tokens, 32 layers).
+    assert lora.activations == whole.activations
+    assert lora.activations_no_ac - whole.activations_no_ac == 8192 * 32 * 4 * 16 * 2
+
+
+def test_plan_of_the_lora_recipe_counts_the_adapters_and_70b_qlora_fits_one_gpu(cli):
+    result = cli("plan", "yamls/finetune/mpt-7b-8k-lora.yaml", "load_path=weights/mpt-7b-8k", "--gpus", "1",
+                 "--gpu-memory", "H200", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    memory = json.loads(result.stdout)["memory"]
+    assert memory["fits"] is True and memory["bytes"]["gradients"] == 4 * 33_554_432
+    assert any("LoRA r 16: 33,554,432 trained parameters" in note for note in memory["notes"])
+    targets = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
+    needs = {}
+    for base in ("null", "nf4"):
+        result = cli("plan", "yamls/finetune/oasst-llama2-70b-stage1.yaml", "load_path=hf/llama-2-70b",
+                     f"+lora={{r: 16, alpha: 32, target_modules: {targets}, quantize_base: {base}}}",
+                     "--gpu-memory", "H100", "--json")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        needs[base] = json.loads(result.stdout)["memory"]["gpus_needed"]["H100"]["fewest"]
+    # A 138 GB bf16 base needs at least two 80 GB GPUs; in NF4 (~36 GB) it fits one, as QLoRA's paper says.
+    assert needs["null"] >= 2 and needs["nf4"] == 1
+
+
 # --- against measured peak host memory of real CPU training steps (benchmarks/memory_check.py) ---------------
 
 

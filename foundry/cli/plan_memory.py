@@ -81,6 +81,7 @@ def memory_json(report: MemoryReport) -> dict[str, Any] | None:
         "precision": e.precision,
         "optimizer": e.optimizer,
         "activation_checkpointing": e.activation_checkpointing,
+        "trained_params": e.trained_params if e.trained_params is not None else e.n_params,
         "bytes": {
             "parameters": e.parameters,
             "gradients": e.gradients,

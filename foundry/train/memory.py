@@ -22,6 +22,14 @@ What is counted, per GPU (bytes; N parameters, F = ranks a parameter is sharded 
 - reserve (for "fits"): 2 GiB for the CUDA context, NCCL buffers and cuBLAS workspaces, and 5% of the rest for
   the caching allocator's fragmentation. torch.cuda.max_memory_allocated() measures the total without it.
 
+LoRA / QLoRA (`lora:`): the parameters are split by how they are held, counted on a meta-device build with
+the adapters applied (the trainer's own apply_lora): trained ones (adapters, modules_to_save) as above;
+frozen ones in the compute dtype (bf16 under amp_bf16) with no gradient or optimizer state; an NF4 base at
+NF4_BYTES per weight (4-bit codes, an int8 scale per 64, an fp32 scale per 256 of those), gathered as NF4
+and dequantized one layer at a time. Activations add each adapter's rank-r intermediate (and its dropout
+copy of the input); frozen Linears that get no adapter save a little less than counted (an upper bound).
+The trainable rows of new tokens are not counted (a few rows of d_model).
+
 Not counted: data-loader pinned host buffers, checkpoint staging (async saves copy the shard to host memory),
 the compile cache.
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from foundry.config.lora import LoRAConfig
 from foundry.config.model import LlamaConfig, ModelConfig, MPTConfig
 from foundry.config.schema import FSDPConfig, TrainConfig
 from foundry.config.size import parse_size
@@ -41,6 +50,7 @@ GIB = 2**30
 RESERVE_BYTES = 2 * GIB  # CUDA context, NCCL communicators' buffers, cuBLAS workspaces
 FRAGMENTATION = 0.05  # the caching allocator's reserved-but-unallocated share
 LOSS_CHUNK = 4096  # tokens per chunk of the fused loss (the models' default on CUDA)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # torchao's NF4 with QLoRA's blocks (models/lora/nf4.py)
 
 # Memory of each GPU as its driver reports it (nvidia-smi's total), by name.
 GPU_MEMORY = {
@@ -141,6 +151,77 @@ def shared_bias_bytes(cfg: ModelConfig, c: int, seq_len: int) -> int:
     return 0
 
 
+# --- LoRA: which parameters train -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Parameters of one block and of the root (embedding, final norm, head), by how a LoRA run holds them."""
+
+    block_trained: int
+    block_frozen: int  # in the compute dtype
+    block_nf4: int
+    root_trained: int
+    root_frozen: int
+    largest_nf4: int  # elements of the largest NF4 weight: dequantized while its layer computes
+    adapters: int  # adapted Linears per block
+    adapter_inputs: int  # their input features, summed (the dropout copy of each input)
+
+
+_SPLITS: dict[tuple[str, int, str], ParamSplit] = {}  # plan asks again for every world size it tries
+
+
+def lora_param_split(model_cfg: ModelConfig, vocab_size: int, lora: LoRAConfig) -> ParamSplit:
+    """Counted on the meta device with the trainer's apply_lora (no memory, no weights)."""
+    key = (repr(model_cfg), vocab_size, repr(lora))
+    if key not in _SPLITS:
+        _SPLITS[key] = _count_split(model_cfg, vocab_size, lora)
+    return _SPLITS[key]
+
+
+def _count_split(model_cfg: ModelConfig, vocab_size: int, lora: LoRAConfig) -> ParamSplit:
+    import dataclasses
+
+    from torch import nn
+
+    from foundry.models.build import build_model
+    from foundry.models.lora import LoRALinear, apply_lora
+
+    model = build_model(dataclasses.replace(model_cfg, vocab_size=vocab_size), device="meta")
+    apply_lora(model, dataclasses.replace(lora, quantize_base=None))
+    nf4 = lora.quantize_base == "nf4"
+    block = model.blocks[0]
+    adapted = [m for m in block.modules() if isinstance(m, LoRALinear)]
+    quantized = {id(m.weight) for m in adapted} if nf4 else set()
+
+    def split(module: nn.Module, skip: set[int] = frozenset()) -> tuple[int, int, int]:
+        trained = frozen = q = 0
+        for p in module.parameters():
+            if id(p) in skip:
+                continue
+            if p.requires_grad:
+                trained += p.numel()
+            elif id(p) in quantized:
+                q += p.numel()
+            else:
+                frozen += p.numel()
+        return trained, frozen, q
+
+    bt, bf, bq = split(block)
+    in_blocks = {id(p) for b in model.blocks for p in b.parameters()}
+    rt, rf, _ = split(model, in_blocks)
+    return ParamSplit(
+        block_trained=bt,
+        block_frozen=bf,
+        block_nf4=bq,
+        root_trained=rt,
+        root_frozen=rf,
+        largest_nf4=max((m.weight.numel() for m in adapted), default=0) if nf4 else 0,
+        adapters=len(adapted),
+        adapter_inputs=sum(m.in_features for m in adapted),
+    )
+
+
 # --- the estimate ------------------------------------------------------------------------------------------
 
 
@@ -166,6 +247,7 @@ class MemoryEstimate:
     activations_full_ac: int  # the same with every block checkpointed
     loss: int  # the loss's own peak (part of transient)
     host: int = 0  # cpu_offload: parameters, gradients and optimizer state in host memory instead
+    trained_params: int | None = None  # LoRA: the parameters that train (the rest is a frozen base)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -197,9 +279,11 @@ class MemoryEstimate:
         per = "" if f == 1 else f" / {f} ranks"
         opt_states = 1 if self.optimizer in ("decoupled_lionw", "lion") else 2
         mb = f"micro-batch {self.micro_batch} x {self.seq_len} tokens"
+        weights = "fp32 master weights" if self.trained_params is None else "trained fp32 + frozen base"
+        grads = "fp32" if self.trained_params is None else f"fp32, of the {self.trained_params:,} trained"
         return [
-            ("parameters", self.parameters, f"fp32 master weights{per}"),
-            ("gradients", self.gradients, f"fp32{per}"),
+            ("parameters", self.parameters, f"{weights}{per}"),
+            ("gradients", self.gradients, f"{grads}{per}"),
             ("optimizer state", self.optimizer_state, f"{self.optimizer}: {opt_states} fp32 state(s){per}"),
             ("gathered (FSDP2 / autocast)", self.gathered, "unsharded compute copies: 2 blocks + root"),
             (
@@ -231,11 +315,13 @@ def estimate_memory(
     fused_loss: bool = True,
     loss_chunk: int = LOSS_CHUNK,
     fsdp_applied: bool | None = None,
+    lora: LoRAConfig | None = None,
 ) -> MemoryEstimate:
     """Bytes per GPU for a run of `model_cfg` (with `vocab_size` embedding rows) on `world_size` GPUs.
 
     ``fsdp_applied``: whether FSDP2 wraps the model (default: on more than one GPU, as the trainer does; a
-    1-rank process group, as benchmarks/throughput.py --fsdp sets up, applies it on one GPU too).
+    1-rank process group, as benchmarks/throughput.py --fsdp sets up, applies it on one GPU too, except to
+    an NF4 base: train/parallel.py leaves a 1-rank QLoRA model unwrapped). ``lora``: adapters on a frozen base.
     """
     n = param_count(model_cfg, vocab_size)
     layers = model_cfg.n_layers
@@ -244,8 +330,24 @@ def estimate_memory(
     amp = precision == "amp_bf16"
     notes = []
     distributed = world_size > 1 if fsdp_applied is None else fsdp_applied
+    nf4 = lora is not None and lora.quantize_base == "nf4"
+    if nf4 and world_size == 1:
+        distributed = False
     if not distributed:
         notes.append("one GPU, no process group: no FSDP, the whole model on the GPU")
+    c = 2 if amp else 4  # bytes per element in the compute dtype (frozen LoRA weights are stored in it)
+    if lora is None:
+        split = ParamSplit(block, 0, 0, root, 0, 0, 0, 0)
+    else:
+        split = lora_param_split(model_cfg, vocab_size, lora)
+        notes.append(
+            f"LoRA r {lora.r}: {layers * split.block_trained + split.root_trained:,} trained parameters; the "
+            + ("base in NF4" if nf4 else f"base frozen in {'bf16' if amp else 'fp32'}")
+        )
+    trained = layers * split.block_trained + split.root_trained
+    frozen_bytes = (
+        c * (layers * split.block_frozen + split.root_frozen) + NF4_BYTES * layers * split.block_nf4
+    )
 
     # Sharding: FULL_SHARD over all ranks, HYBRID_SHARD within groups (one per node by default), NO_SHARD none.
     if not distributed or fsdp.sharding_strategy == "NO_SHARD":
@@ -255,30 +357,41 @@ def estimate_memory(
         shards = max(world_size // replicas, 1)
     else:
         shards = world_size
-    sharded = 4 * n / shards
+    sharded = 4 * trained / shards
     opt_states = 1 if optimizer in ("decoupled_lionw", "lion") else 2
-    parameters, gradients, optimizer_state = sharded, sharded, opt_states * sharded
+    parameters, gradients, optimizer_state = sharded + frozen_bytes / shards, sharded, opt_states * sharded
 
-    # What is unsharded while computing.
+    # What is unsharded while computing (frozen weights in their storage dtype; NF4 ones dequantized one
+    # layer at a time).
+    dequantized = c * split.largest_nf4
     if not distributed:
-        gathered = 2 * n if amp else 0  # autocast's bf16 weight copies, saved for backward
+        gathered = (2 * trained if amp else 0) + dequantized  # autocast's bf16 copies, saved for backward
     else:
         p = 2 if amp and fsdp.mixed_precision != "FULL" else 4  # compute-copy bytes per parameter
         g = 2 if amp and fsdp.mixed_precision == "PURE" else 4  # unsharded gradients in the reduce dtype
         reshard = fsdp.reshard_after_forward and fsdp.sharding_strategy != "NO_SHARD"
         blocks_held = 2 if reshard else layers
-        gathered = blocks_held * p * block + g * block + (p + g) * root
+        block_copy = p * split.block_trained + c * split.block_frozen + NF4_BYTES * split.block_nf4
+        root_copy = p * split.root_trained + c * split.root_frozen
+        gathered = (
+            blocks_held * block_copy
+            + g * split.block_trained
+            + root_copy
+            + g * split.root_trained
+            + dequantized
+        )
     host = 0
     if fsdp.cpu_offload and distributed:
         host = int(parameters + gradients + optimizer_state)
         parameters = gradients = optimizer_state = 0
         notes.append("cpu_offload: parameters, gradients and optimizer state live in host memory")
 
-    # Activations of one micro-batch; c: bytes per element in the compute dtype (the residual stream's too:
-    # bf16 parameters under FSDP2's PURE/DEFAULT; with fp32 ones under autocast it is fp32, a little more).
-    c = 2 if amp else 4
+    # Activations of one micro-batch, in the compute dtype (the residual stream's too: bf16 parameters under
+    # FSDP2's PURE/DEFAULT; with fp32 ones under autocast it is fp32, a little more).
     tokens = micro_batch * seq_len
     per_layer = layer_activation_bytes(model_cfg, c)
+    if lora is not None:  # each adapter's rank-r output; with dropout, the dropped input and its mask
+        per_layer += c * lora.r * split.adapters + ((c + 1) * split.adapter_inputs if lora.dropout > 0 else 0)
     working = backward_working_bytes(model_cfg, c)
     final = final_norm_bytes(model_cfg, c)
     shared = shared_bias_bytes(model_cfg, c, seq_len)
@@ -322,6 +435,7 @@ def estimate_memory(
         activations_full_ac=int(full),
         loss=int(loss),
         host=host,
+        trained_params=trained if lora is not None else None,
         notes=notes,
     )
 
@@ -352,6 +466,7 @@ def estimate_for_run(
         precision=run_precision(cfg),
         optimizer=cfg.optimizer.name,
         local_world_size=local_world_size,
+        lora=cfg.lora,
     )
     if auto:
         estimate.notes.append("device_train_microbatch_size: auto: estimated at micro-batch 1 (the floor)")
