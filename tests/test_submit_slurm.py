@@ -38,12 +38,9 @@ def _slurm_missing() -> str | None:
 MISSING = _slurm_missing()
 if MISSING and os.environ.get("CI"):
     raise RuntimeError(f"CI must run the SLURM tests: {MISSING}")
-# One node of 2 CPUs: the jobs of these tests run one after another (one pytest worker, `make test`'s loadgroup).
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(MISSING is not None, reason=str(MISSING)),
-    pytest.mark.xdist_group("slurm"),
-]
+# One node of 2 CPUs, and tests that read the whole queue: they run one after another, on one pytest worker
+# (`make test` sends a file's tests to one worker, --dist loadfile). Keep every real-SLURM test in this file.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 
 
 _SUBMITTED: list[str] = []
