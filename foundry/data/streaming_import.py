@@ -11,7 +11,7 @@ access, so `from streaming import MDSWriter`, `import streaming.text` and `strea
 still work for any code beside foundry's in the same process. If `streaming` was imported before,
 nothing changes.
 
-Written against streaming 0.13.0, whose __init__ exports exactly the names below; tests/test_loader.py
+Written against streaming 0.13.0, whose __init__ exports exactly the names below; tests/test_startup.py
 checks they are still those of streaming.base.
 """
 
