@@ -73,7 +73,7 @@ def icl_vs_lm_eval(s: Session, z: dict, dry: bool) -> None:
     s.run(
         "icl throughput (foundry, foundry+lm-eval, hf+lm-eval)",
         cmd + (["--device", "cpu"] if dry else []),
-        150,
+        200,
         60,
     )
 
