@@ -1,9 +1,20 @@
 """Issues 9, 10, 11 and 13 on one lent H200, in one command of at most ~9 minutes: Llama against transformers'
 LlamaForCausalLM, packed SFT against pretraining rows, LoRA / QLoRA at 7B (2048 and 8192), ICL throughput
-beside lm-eval's HF backend, and the CUDA tests. Named steps (--steps) pick what a lease still needs.
+beside lm-eval's HF backend, and the CUDA tests. Named steps (--steps) pick what a lease still needs:
+
+    llama-vs-hf      Llama 3.2 1B at 2048, foundry against LlamaForCausalLM (benchmarks/throughput.py)
+    sft-4096         MPT-1B at 4096, packed SFT batches against plain rows (benchmarks/throughput.py)
+    lora-7b-2048     MPT-7B whole-model / LoRA / QLoRA at 2048, then at 8192 (lora-7b-8192)
+    icl-vs-lm-eval   ICL examples/s, foundry's evaluator beside lm-eval (benchmarks/icl_throughput.py)
+    pytest-gpu       the CUDA tests
+    sft-cli-4096     issue 9 through the real CLI, alone in a command (~6 min; not in the default list):
+                     `foundry pretrain` on the stdlib windows, then `foundry finetune` from its last
+                     checkpoint on packed chat windows, MPT-1B at 4096, mb 8 x 2, Lion 1e-4; packed SFT's
+                     real tokens/s against pretraining's tokens/s (target >= 90%)
 
     python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540
     python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540 --steps sft-4096,lora-7b-8192,icl-vs-lm-eval
+    python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540 --steps sft-cli-4096
     python benchmarks/gpu_session_finetune.py --dry --out /tmp/finetune-dry     # CPU dry run, tiny sizes
 
 On the device (no registry) the CLI rows need .whl carried and icl-vs-lm-eval also .whl-lmeval (lm-eval 0.4.13
@@ -16,11 +27,15 @@ when it no longer fits), rows in $OUT/results.jsonl as benchmarks/throughput.py 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu_session_speed as speed  # noqa: E402
 from gpu_session_speed import Session, bench, env_info  # noqa: E402
 
 
@@ -28,10 +43,15 @@ def sizes(dry: bool) -> dict:
     if dry:
         return {"llama": "llama-tiny", "mpt1b": "tiny", "mpt7b": "tiny", "llama8b": "llama-tiny", "s2k": 128,
                 "s4k": 128, "s8k": 128, "mb": 2, "lora_mb": 2, "lora8k_mb": 1, "steps": 2, "vocab": 512,
-                "icl_examples": 16}  # fmt: skip
+                "icl_examples": 16, "cli_seq": 256, "cli_steps": 6, "cli_steady": (3, 6), "chat_seeds": 1,
+                "chat_conversations": 400}  # fmt: skip
+    # sft-cli-4096: demo_chat writes one conversation per stdlib docstring (~4,900 of ~64 tokens: ~76
+    # packed windows of 4096); three seeds (the same docstrings, other questions) fill ~230 windows, more
+    # than the 10 steps x 16 windows trained, so no epoch ends inside the measured steps.
     return {"llama": "llama3.2-1b", "mpt1b": "mpt-1b", "mpt7b": "mpt-7b", "llama8b": "llama3-8b", "s2k": 2048,
             "s4k": 4096, "s8k": 8192, "mb": 8, "lora_mb": 8, "lora8k_mb": 2, "steps": 5, "vocab": None,
-            "icl_examples": 1000}  # fmt: skip
+            "icl_examples": 1000, "cli_seq": 4096, "cli_steps": 10, "cli_steady": (3, 10), "chat_seeds": 3,
+            "chat_conversations": 100_000}  # fmt: skip
 
 
 def shape(model: str, seq: int, mb: int, ga: int, steps: int) -> list[str]:
@@ -52,6 +72,90 @@ def llama_vs_hf(s: Session, z: dict, dry: bool) -> None:
 def sft_4096(s: Session, z: dict, dry: bool) -> None:
     """Issue 9: packed SFT batches (document masks) against plain pretraining rows, same shape."""
     bench(s, z, "mpt-1b 4096 sft", shape(z["mpt1b"], z["s4k"], z["mb"], 2, z["steps"]), 60, "sft=no;sft=yes")
+
+
+def chat_data(s: Session, z: dict) -> list[Path]:
+    """Chat JSONL from the standard library's docstrings (foundry.data_prep.demo_chat), one file a seed."""
+    stdlib = Path(os.__file__).parent  # this interpreter's, as the pretraining data's
+    files = []
+    for seed in range(z["chat_seeds"]):
+        path = speed.STATE / "chat" / f"docstrings-seed{seed}.jsonl"
+        cmd = [sys.executable, "-m", "foundry.data_prep.demo_chat", "--stdlib", str(stdlib), "--out",
+               str(path), "--conversations", str(z["chat_conversations"]), "--seed", str(seed)]  # fmt: skip
+        r = s.run(f"chat data (stdlib docstrings, seed {seed})", cmd, 60, 10)
+        if r and r[0] == 0 and path.is_file():
+            s.log("chat data: " + (r[2].strip().splitlines() or ["?"])[-1])
+            files.append(path)
+    return files
+
+
+def sft_data(s: Session, chats: list[Path], seq: int) -> tuple[Path, dict] | None:
+    """`foundry data-prep sft`: the chats packed (best-fit) into windows of seq, the 8K tokenizer + ChatML."""
+    tok, _ = speed.data_paths()
+    out = speed.STATE / f"sft-{seq}"
+    cmd = [sys.executable, "-m", "foundry.cli.main", "data-prep", "sft", *map(str, chats), "--out", str(out),
+           "--tokenizer", str(tok), "--seq-len", str(seq), "--pack", "--num-workers", "4" if s.dry else "8",
+           "--overwrite", "--no-progress"]  # fmt: skip
+    r = s.run(f"sft data: packed windows of {seq}", cmd, 120, 20)
+    if not r or r[0] != 0 or not (out / "manifest.json").is_file():
+        return None
+    train = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    s.log(f"sft data: {train['documents']:,} conversations in {train['windows']:,} windows of {seq} "
+          f"({'packed' if train.get('packed', True) else 'NOT packed'}), packing efficiency "
+          f"{100 * train['packing_efficiency']:.1f}%")  # fmt: skip
+    return out, train
+
+
+def sft_cli_4096(s: Session, z: dict, dry: bool) -> None:
+    """Issue 9 through the real CLI, like for like: `foundry pretrain` (the MPT-1B recipe, no QK LayerNorm,
+    Lion 1e-4) on the stdlib's windows, then `foundry finetune` from its last checkpoint on packed chat
+    windows (seq_ids: FlexAttention's document mask on CUDA), same recipe, shape and optimizer, no checkpoint
+    saved. Pretraining counts every token; SFT only the conversations' (real_tokens_per_s, one GPU)."""
+    zc = {**speed.sizes(dry), "dry": dry, "steady": z["cli_steady"]}  # the CLI rows' vocabulary and data
+    seq, mb, ga, steps = z["cli_seq"], z["mb"], 2, z["cli_steps"]
+    prep = speed.start_data_prep(s, zc)
+    chats = chat_data(s, z)  # while the tokenizer trains
+    if not speed.wait_data(s, prep) or not chats or (made := sft_data(s, chats, seq)) is None:
+        return
+    sft, train = made
+    pre_label, sft_label = f"mpt-1b-{seq}-pretrain", f"mpt-1b-{seq}-sft"
+    # flex on CUDA (what auto picks for ALiBi), named so that the SFT row's document mask is flex's
+    same = zc["model_sets_1b"] + ([] if dry else ["model.attn_config.attn_impl=flex"])
+    over = speed.trainer_overrides(zc, seq, mb, ga, steps, None, same)
+    # Its run folder stays: the end-of-run checkpoint (~10.5 GB at MPT-1B, ~12 s) is what finetune loads.
+    pre = speed.trainer(s, zc, pre_label, speed.RECIPE_1B, over, 150, keep=True)
+    base = speed.run_folder(pre_label)
+    verb = "finetune" if (base / "checkpoints").is_dir() and any((base / "checkpoints").iterdir()) else None
+    if verb is None:  # finetune needs weights to start from; the same trainer runs without them
+        s.log("sft: the pretraining row left no checkpoint: `foundry pretrain` on the SFT data, random init")
+    over = speed.trainer_overrides(zc, seq, mb, ga, steps, None, same, data=sft)
+    over.append(f"load_path={base}" if verb else "load_path=null")
+    ft = speed.trainer(s, zc, sft_label, speed.RECIPE_1B, over, 180, nosave=True, verb=verb or "pretrain",
+                       tokenizer=sft / "tokenizer")  # fmt: skip
+    shutil.rmtree(base, ignore_errors=True)
+    pre_tps = (pre or {}).get("tokens_per_s")
+    real = (ft or {}).get("real_tokens_per_s")
+    world = 1  # real_tokens_per_s counts every rank's real tokens; tokens_per_s (pretraining) is per device
+    ratio = real / world / pre_tps if real and pre_tps else None
+    row = {"kind": "sft_vs_pretrain", "label": f"mpt-1b {seq} packed SFT vs pretraining (CLI)",
+           "seq_len": seq, "micro_batch": mb, "grad_accum": ga, "steps": steps,
+           "steady_steps": list(zc["steady"]), "world_size": world,
+           "sft_command": f"foundry {verb or 'pretrain'}",
+           "attention": "torch (CPU)" if dry else "flex (document mask)",
+           "pretrain_tokens_per_s": pre_tps, "sft_real_tokens_per_s": real,
+           "sft_slot_tokens_per_s": (ft or {}).get("tokens_per_s"),
+           "sft_packing_efficiency": (ft or {}).get("packing_efficiency"),
+           "data": {"conversations": train["documents"], "windows": train["windows"],
+                    "packing_efficiency": train["packing_efficiency"],
+                    "epochs_trained": round(steps * mb * ga / train["windows"], 2)},
+           "pretrain_mfu": (pre or {}).get("mfu"), "sft_mfu_slots": (ft or {}).get("mfu"),
+           "sft_loss_first_last": (ft or {}).get("loss_first_last"),
+           "sft_skipped_nonfinite": (ft or {}).get("skipped_nonfinite"),
+           "ratio": ratio, "target": 0.9, "meets_target": ratio >= 0.9 if ratio else None}  # fmt: skip
+    s.record(row)
+    packing = 100 * (row["sft_packing_efficiency"] or 0)
+    s.log(f"sft-cli: packed SFT {real or 0:,.0f} real tok/s (packing {packing:.1f}%) vs pretraining "
+          f"{pre_tps or 0:,.0f} tok/s: ratio {ratio or 0:.3f} (target >= 0.90)")  # fmt: skip
 
 
 def lora_7b(seq_key: str, mb_key: str, cap: float):
@@ -94,7 +198,9 @@ STEPS = {
     "lora-7b-8192": lora_7b("s8k", "lora8k_mb", 130),
     "icl-vs-lm-eval": icl_vs_lm_eval,
     "pytest-gpu": pytest_gpu,
+    "sft-cli-4096": sft_cli_4096,
 }
+DEFAULT_STEPS = [n for n in STEPS if n != "sft-cli-4096"]  # the CLI pair takes a command of its own
 
 
 def main(argv=None) -> int:
@@ -103,13 +209,18 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=360.0, help="seconds for the whole session")
     p.add_argument("--dry", action="store_true", help="tiny sizes on the CPU")
     p.add_argument(
-        "--steps", default=",".join(STEPS), help=f"comma-separated, in this order: {', '.join(STEPS)}"
+        "--steps",
+        default=",".join(DEFAULT_STEPS),
+        help=f"comma-separated, from: {', '.join(STEPS)} (default: all but "
+        f"{', '.join(n for n in STEPS if n not in DEFAULT_STEPS)})",
     )
     args = p.parse_args(argv)
     chosen = [n.strip() for n in args.steps.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in STEPS]
     if unknown:
         p.error(f"unknown step(s) {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
+    if args.dry:  # the CLI rows' data and runs under --out, not in the device's /tmp/foundry-speed
+        speed.STATE = Path(os.environ.setdefault("FOUNDRY_SPEED_STATE", str(args.out / "state")))
     s = Session(args.out, args.budget, args.dry)
     z = sizes(args.dry)
     z["vocab"] = z["vocab"] or 512  # the benchmark rows' vocabulary (random tokens)

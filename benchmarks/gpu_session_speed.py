@@ -292,13 +292,27 @@ def bench(s: Session, z: dict, label: str, args: list[str], cap: float, variants
     s.run(f"benchmark {label}", cmd, cap, 45, env=env)
 
 
+def run_folder(label: str) -> Path:
+    return STATE / "runs" / label
+
+
 def trainer(
-    s: Session, z: dict, label: str, recipe: str, overrides: list[str], cap: float, nosave=False
+    s: Session,
+    z: dict,
+    label: str,
+    recipe: str,
+    overrides: list[str],
+    cap: float,
+    nosave=False,
+    verb: str = "pretrain",
+    tokenizer: Path | None = None,
+    keep: bool = False,
 ) -> dict | None:
-    tok, data = data_paths()
-    run = STATE / "runs" / label
+    """`foundry VERB recipe overrides` as one row; keep: leave its run folder (checkpoints) in place."""
+    tok = tokenizer or data_paths()[0]
+    run = run_folder(label)
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "foundry.cli.main", "pretrain", recipe, *overrides, f"save_folder={run}",
+    cmd = [sys.executable, "-m", "foundry.cli.main", verb, recipe, *overrides, f"save_folder={run}",
            f"tokenizer.name={tok}", "log_interval=1ba", "progress_bar=false"]  # fmt: skip
     if s.dry:
         cmd += ["device=cpu", "precision=fp32", "model.attn_config.attn_impl=torch"]
@@ -328,28 +342,34 @@ def trainer(
         )
         row["data_wait_s"] = statistics.median(m.get("data_wait_s", 0.0) for m in steady)
         row["loss_first_last"] = [metrics[0]["loss"], metrics[-1]["loss"]]
+        for key in ("real_tokens_per_s", "packing_efficiency"):  # SFT batches (all ranks' real tokens)
+            if all(key in m for m in steady):
+                row[key] = statistics.median(m[key] for m in steady)
     if after:  # the steps while the async checkpoint of step `hi` was written
         row["tokens_per_s_after_save"] = statistics.median(
             m["tokens_per_s_per_device"] for m in after[:-1] or after
         )
     pattern = r"(saved|started saving \(in the background\))\s+checkpoint\s+of\s+step\s+(\d+)\s+\(([\d.]+)s\)"
     saves = re.findall(pattern, text)
+    row["skipped_nonfinite"] = text.count("loss or gradient is NaN/Inf; update skipped")
     row["saves"] = [{"how": h, "step": int(st), "blocking_s": float(sec)} for h, st, sec in saves]
     oom = "OutOfMemoryError" in text or "out of memory" in text
     if oom:
         row["error"] = "out of memory"
     elif rc != 0:
         row["error"] = (text.strip().splitlines() or ["?"])[-1][:300]
-    shutil.rmtree(cleanup, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(cleanup, ignore_errors=True)
     s.record(row)
     s.log(f"trainer {label}: " + json.dumps({k: v for k, v in row.items() if k != "saves"}, default=str))
     return row
 
 
 def trainer_overrides(
-    z: dict, seq: int, mb: int, ga: int, steps: int, save_at: int | None, extra=()
+    z: dict, seq: int, mb: int, ga: int, steps: int, save_at: int | None, extra=(), data: Path | None = None
 ) -> list[str]:
-    tok, data = data_paths()
+    """The rows' shared overrides; data: an MDS folder with a train split (default: the stdlib windows)."""
+    data = data or data_paths()[1]
     out = [
         "data=demo-stdlib", f"data.streams.stdlib.local={data}", "data.streams.stdlib.split=train",
         "~data.eval_streams", "data.num_workers=2", f"model.vocab_size={z['vocab']}",
