@@ -71,7 +71,7 @@ def llama_vs_hf(s: Session, z: dict, dry: bool) -> None:
 
 def sft_4096(s: Session, z: dict, dry: bool) -> None:
     """Issue 9: packed SFT batches (document masks) against plain pretraining rows, same shape."""
-    bench(s, z, "mpt-1b 4096 sft", shape(z["mpt1b"], z["s4k"], z["mb"], 2, z["steps"]), 60, "sft=no;sft=yes")
+    bench(s, z, "mpt-1b 4096 sft", shape(z["mpt1b"], z["s4k"], z["mb"], 2, z["steps"]), 150, "sft=no;sft=yes")
 
 
 def chat_data(s: Session, z: dict) -> list[Path]:
@@ -188,7 +188,7 @@ def pytest_gpu(s: Session, z: dict, dry: bool) -> None:
         return
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
            "tests/test_llama_model.py", "tests/test_sft_model.py", "tests/test_model.py"]  # fmt: skip
-    s.run("pytest -m gpu", cmd, 60, 30)
+    s.run("pytest -m gpu", cmd, 180, 60)
 
 
 STEPS = {
