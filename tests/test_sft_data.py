@@ -816,3 +816,23 @@ def test_a_tokenizer_that_adds_bos_keeps_it_untrained(tmp_path, tok_dir):
         assert trained_texts(hf, ids, mask) == [
             m["content"] + IM_END for m in messages if m["role"] == "assistant"
         ]
+
+
+def test_chatml_tokens_are_added_beside_the_others_under_either_transformers_spelling():
+    """transformers 5 renamed `additional_special_tokens` (and its replace keyword) to `extra_special_tokens`;
+    the device's transformers 5.17 refused the old keyword. Both spellings keep the existing list."""
+    from foundry.data_prep.sft.tokenizer import _add_special
+
+    class V4:
+        def add_special_tokens(self, tokens, replace_additional_special_tokens=True):
+            self.call = (tokens, replace_additional_special_tokens)
+
+    class V5:
+        def add_special_tokens(self, tokens, replace_extra_special_tokens=True):
+            self.call = (tokens, replace_extra_special_tokens)
+
+    v4, v5 = V4(), V5()
+    _add_special(v4, [IM_START, IM_END])
+    _add_special(v5, [IM_START, IM_END])
+    assert v4.call == ({"additional_special_tokens": [IM_START, IM_END]}, False)
+    assert v5.call == ({"extra_special_tokens": [IM_START, IM_END]}, False)

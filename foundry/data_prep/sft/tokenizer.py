@@ -113,6 +113,17 @@ def _end_of_turn(hf) -> str | None:
     return suffix if suffix and _is_special(hf, suffix) else None
 
 
+def _add_special(hf, tokens: list[str]) -> None:
+    """Adds `tokens` beside the tokenizer's other special tokens (kept, never replaced). transformers 5 renamed
+    the list `additional_special_tokens` -> `extra_special_tokens`, and its keyword with it."""
+    import inspect
+
+    if "replace_extra_special_tokens" in inspect.signature(hf.add_special_tokens).parameters:
+        hf.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+    else:
+        hf.add_special_tokens({"additional_special_tokens": tokens}, replace_additional_special_tokens=False)
+
+
 def load_chat_tokenizer(name: str, template: str) -> tuple[ChatTokenizer, object]:
     """The tokenizer, extended for `template`, and its transformers object (to save it)."""
     from tokenizers import Tokenizer
@@ -127,9 +138,7 @@ def load_chat_tokenizer(name: str, template: str) -> tuple[ChatTokenizer, object
         if missing:
             # Added as special tokens: never split, and one id each. A string already in the vocabulary
             # keeps its id (nothing grows); an absent one gets the next id.
-            hf.add_special_tokens(
-                {"additional_special_tokens": missing}, replace_additional_special_tokens=False
-            )
+            _add_special(hf, missing)
             added = [t for t in missing if hf.convert_tokens_to_ids(t) >= base_size]
         hf.chat_template = CHATML_JINJA
         end_of_turn = IM_END
