@@ -110,9 +110,8 @@ def load_tokenizer_spec(name_or_path: str) -> TokenizerSpec:
     )
 
 
-def _load_with_transformers(name: str, path: Path):
-    from tokenizers import Tokenizer
-
+def load_fast_tokenizer(name: str):
+    """foundry.data.tokenizer.load_tokenizer for data-prep: a fast (Rust) tokenizer, else DataError."""
     from foundry.data.tokenizer import load_tokenizer
 
     try:
@@ -121,6 +120,13 @@ def _load_with_transformers(name: str, path: Path):
         raise DataError(str(e)) from None
     if not getattr(hf, "is_fast", False):
         raise DataError(f"tokenizer {name!r} has no fast (Rust) version; data-prep needs one")
+    return hf
+
+
+def _load_with_transformers(name: str, path: Path):
+    from tokenizers import Tokenizer
+
+    hf = load_fast_tokenizer(name)
     text = hf.backend_tokenizer.to_str()
     return Tokenizer.from_str(text), text, hf.eos_token_id
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from foundry.data_prep.sft.templates import CHATML_JINJA, CHATML_TOKENS, IM_END
-from foundry.errors import ConfigError, DataError, FoundryError
+from foundry.errors import ConfigError, DataError
 
 log = logging.getLogger("foundry.data_prep")
 
@@ -60,18 +60,11 @@ class ChatTokenizer:
 
 
 def _load_hf(name: str):
-    from foundry.data.tokenizer import load_tokenizer
+    from foundry.data_prep.tokenization import _eos_from_folder, load_fast_tokenizer
 
     path = Path(name).expanduser()
-    try:
-        hf = load_tokenizer(name)
-    except FoundryError as e:
-        raise DataError(str(e)) from None
-    if not getattr(hf, "is_fast", False):
-        raise DataError(f"tokenizer {name!r} has no fast (Rust) version; data-prep needs one")
+    hf = load_fast_tokenizer(name)
     if hf.eos_token is None:
-        from foundry.data_prep.tokenization import _eos_from_folder
-
         eos = _eos_from_folder(path.parent if path.is_file() else path, hf.backend_tokenizer)
         if eos is None:
             raise DataError(
