@@ -11,10 +11,15 @@ beside lm-eval's HF backend, and the CUDA tests. Named steps (--steps) pick what
                      `foundry pretrain` on the stdlib windows, then `foundry finetune` from its last
                      checkpoint on packed chat windows, MPT-1B at 4096, mb 8 x 2, Lion 1e-4; packed SFT's
                      real tokens/s against pretraining's tokens/s (target >= 90%)
+    lora-cli-7b-8192 issue 13 through the real CLI, alone in a command (~6 min; not in the default list):
+                     `foundry finetune yamls/finetune/mpt-7b-8k-lora.yaml` (LoRA r 16, AdamW, full AC, mb 1)
+                     on packed chat windows of 8192 from a random MPT-7B base (benchmarks/random_base.py),
+                     then the same with `lora.quantize_base=nf4`: tokens/s and peak memory
 
     python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540
     python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540 --steps sft-4096,lora-7b-8192,icl-vs-lm-eval
     python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540 --steps sft-cli-4096
+    python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540 --steps lora-cli-7b-8192
     python benchmarks/gpu_session_finetune.py --dry --out /tmp/finetune-dry     # CPU dry run, tiny sizes
 
 On the device (no registry) the CLI rows need .whl carried and icl-vs-lm-eval also .whl-lmeval (lm-eval 0.4.13
@@ -44,14 +49,14 @@ def sizes(dry: bool) -> dict:
         return {"llama": "llama-tiny", "mpt1b": "tiny", "mpt7b": "tiny", "llama8b": "llama-tiny", "s2k": 128,
                 "s4k": 128, "s8k": 128, "mb": 2, "lora_mb": 2, "lora8k_mb": 1, "steps": 2, "vocab": 512,
                 "icl_examples": 16, "cli_seq": 256, "cli_steps": 6, "cli_steady": (3, 6), "chat_seeds": 1,
-                "chat_conversations": 400}  # fmt: skip
+                "chat_conversations": 400, "lora_cli_seq": 256, "lora_cli_rows": 2}  # fmt: skip
     # sft-cli-4096: demo_chat writes one conversation per stdlib docstring (~4,900 of ~64 tokens: ~76
     # packed windows of 4096); three seeds (the same docstrings, other questions) fill ~230 windows, more
     # than the 10 steps x 16 windows trained, so no epoch ends inside the measured steps.
     return {"llama": "llama3.2-1b", "mpt1b": "mpt-1b", "mpt7b": "mpt-7b", "llama8b": "llama3-8b", "s2k": 2048,
             "s4k": 4096, "s8k": 8192, "mb": 8, "lora_mb": 8, "lora8k_mb": 2, "steps": 5, "vocab": None,
             "icl_examples": 1000, "cli_seq": 4096, "cli_steps": 10, "cli_steady": (3, 10), "chat_seeds": 3,
-            "chat_conversations": 100_000}  # fmt: skip
+            "chat_conversations": 100_000, "lora_cli_seq": 8192, "lora_cli_rows": 2}  # fmt: skip
 
 
 def shape(model: str, seq: int, mb: int, ga: int, steps: int) -> list[str]:
@@ -158,6 +163,52 @@ def sft_cli_4096(s: Session, z: dict, dry: bool) -> None:
           f"{pre_tps or 0:,.0f} tok/s: ratio {ratio or 0:.3f} (target >= 0.90)")  # fmt: skip
 
 
+LORA_RECIPE = "yamls/finetune/mpt-7b-8k-lora.yaml"
+
+
+def lora_cli_7b_8192(s: Session, z: dict, dry: bool) -> None:
+    """Issue 13 through the real CLI: the LoRA recipe as a user runs it (r 16 with dropout 0.05, AdamW, full
+    AC, FSDP2 on one rank, mb 1) with its data swapped for packed stdlib chats and 2 rows a step, from a
+    random base of the same preset; then QLoRA (`lora.quantize_base=nf4`). Peaks from MemoryMonitor."""
+    zc = {**speed.sizes(dry), "dry": dry, "steady": z["cli_steady"]}
+    seq, steps = z["lora_cli_seq"], z["cli_steps"]
+    prep = speed.start_data_prep(s, zc)  # the 8K tokenizer (its stdlib windows are not used here)
+    chats = chat_data(s, z)
+    if not speed.wait_data(s, prep) or not chats or (made := sft_data(s, chats, seq)) is None:
+        return
+    sft, train = made
+    base = speed.STATE / f"base-{z['mpt7b']}"
+    shutil.rmtree(base, ignore_errors=True)
+    cmd = [sys.executable, "benchmarks/random_base.py", "--model", z["mpt7b"], "--out", str(base),
+           "--vocab-size", "50432"] + (["--device", "cpu"] if dry else [])  # fmt: skip
+    r = s.run(f"random {z['mpt7b']} base", cmd, 150, 30)
+    if not r or r[0] != 0:
+        return
+    over = ["~data.streams", "~data.eval_streams", f"+data.streams={{sft: {{local: {sft}}}}}",
+            "data.num_workers=2", f"max_seq_len={seq}", f"model.max_seq_len={seq}", "model.vocab_size=50432",
+            f"global_train_batch_size={z['lora_cli_rows']}", "device_train_microbatch_size=1",
+            f"max_duration={steps}ba", "scheduler.t_warmup=2ba", f"load_path={base}",
+            "callbacks=[foundry.train.callbacks.memory:MemoryMonitor]"]  # fmt: skip
+    if dry:
+        over.append(f"model={z['mpt7b']}")
+    rows = {}
+    for kind, extra in (("lora", []), ("qlora", ["lora.quantize_base=nf4"])):
+        if kind == "qlora" and dry:
+            continue  # tiny's Linears are too small for NF4 blocks
+        rows[kind] = speed.trainer(s, zc, f"mpt-7b-{seq}-{kind}-cli", LORA_RECIPE, over + extra, 200,
+                                   nosave=True, verb="finetune", tokenizer=sft / "tokenizer")  # fmt: skip
+    shutil.rmtree(base, ignore_errors=True)
+    row = {"kind": "lora_cli", "label": f"mpt-7b {seq} LoRA/QLoRA (CLI, {LORA_RECIPE})", "seq_len": seq,
+           "rows_per_step": z["lora_cli_rows"], "micro_batch": 1, "steps": steps,
+           "packing_efficiency_data": train["packing_efficiency"]}  # fmt: skip
+    for kind, r in rows.items():
+        r = r or {}
+        row[kind] = {k: r.get(k) for k in ("tokens_per_s", "real_tokens_per_s", "peak_allocated_gib",
+                                          "loss_first_last", "skipped_nonfinite", "error")}  # fmt: skip
+    s.record(row)
+    s.log("lora-cli: " + json.dumps(row, default=str))
+
+
 def lora_7b(seq_key: str, mb_key: str, cap: float):
     def step(s: Session, z: dict, dry: bool) -> None:
         """Issue 13: whole-model finetuning vs LoRA vs QLoRA at 7B on one GPU (peak memory and speed)."""
@@ -199,8 +250,10 @@ STEPS = {
     "icl-vs-lm-eval": icl_vs_lm_eval,
     "pytest-gpu": pytest_gpu,
     "sft-cli-4096": sft_cli_4096,
+    "lora-cli-7b-8192": lora_cli_7b_8192,
 }
-DEFAULT_STEPS = [n for n in STEPS if n != "sft-cli-4096"]  # the CLI pair takes a command of its own
+CLI_STEPS = ("sft-cli-4096", "lora-cli-7b-8192")
+DEFAULT_STEPS = [n for n in STEPS if n not in CLI_STEPS]  # each CLI step takes a command of its own
 
 
 def main(argv=None) -> int:

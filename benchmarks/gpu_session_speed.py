@@ -321,16 +321,15 @@ def trainer(
     if r is None:
         return None
     rc, seconds, text = r
-    metrics = []
+    records = []
     cleanup = run  # its checkpoints (21 GB at MPT-1B) would fill the lent machine's disk
     if (run / "metrics.jsonl").is_file():
         for line in (run / "metrics.jsonl").read_text().splitlines():
             try:
-                rec = json.loads(line)
+                records.append(json.loads(line))
             except ValueError:
                 continue
-            if "tokens_per_s_per_device" in rec:
-                metrics.append(rec)
+    metrics = [rec for rec in records if "tokens_per_s_per_device" in rec]
     lo, hi = z["steady"]
     steady = [m for m in metrics if lo <= m["step"] <= hi]
     after = [m for m in metrics if m["step"] > hi]
@@ -345,6 +344,8 @@ def trainer(
         for key in ("real_tokens_per_s", "packing_efficiency"):  # SFT batches (all ranks' real tokens)
             if all(key in m for m in steady):
                 row[key] = statistics.median(m[key] for m in steady)
+    if peaks := [m["memory/peak_allocated"] for m in records if "memory/peak_allocated" in m]:
+        row["peak_allocated_gib"] = max(peaks)  # MemoryMonitor's, when the run has it
     if after:  # the steps while the async checkpoint of step `hi` was written
         row["tokens_per_s_after_save"] = statistics.median(
             m["tokens_per_s_per_device"] for m in after[:-1] or after
