@@ -15,6 +15,8 @@ beside lm-eval's HF backend, and the CUDA tests. Named steps (--steps) pick what
                      `foundry finetune yamls/finetune/mpt-7b-8k-lora.yaml` (LoRA r 16, AdamW, full AC, mb 1)
                      on packed chat windows of 8192 from a random MPT-7B base (benchmarks/random_base.py),
                      then the same with `lora.quantize_base=nf4`: tokens/s and peak memory
+    lora-cli-llama3-8b the same for yamls/finetune/llama3-8b-lora.yaml (r 64, 2048, mb 4 x 2; the base's
+                     128,256 rows grow to the recipe's 128,258 at load)
 
     python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540
     python3 benchmarks/gpu_session_finetune.py --out $OUT --budget 540 --steps sft-4096,lora-7b-8192,icl-vs-lm-eval
@@ -163,50 +165,54 @@ def sft_cli_4096(s: Session, z: dict, dry: bool) -> None:
           f"{pre_tps or 0:,.0f} tok/s: ratio {ratio or 0:.3f} (target >= 0.90)")  # fmt: skip
 
 
-LORA_RECIPE = "yamls/finetune/mpt-7b-8k-lora.yaml"
+def lora_cli(
+    recipe: str, model_key: str, seq_key: str, base_vocab: int, rows: int, mb: int, vocab: int | None
+):
+    """Issue 13 through the real CLI: a LoRA recipe as a user runs it (its r, dropout, optimizer, AC, FSDP2 on
+    one rank, vocabulary) with its data swapped for packed stdlib chats and `rows` rows a step, from a random
+    base of the same preset (`base_vocab` rows: a recipe that adds ChatML's tokens grows it at load); then
+    QLoRA (`lora.quantize_base=nf4`). Peaks from MemoryMonitor. vocab: model.vocab_size, where the recipe's
+    preset leaves it to the tokenizer (a tiny dry-run preset) and the base must match it."""
 
+    def step(s: Session, z: dict, dry: bool) -> None:
+        zc = {**speed.sizes(dry), "dry": dry, "steady": z["cli_steady"]}
+        seq, steps, model = z[seq_key], z["cli_steps"], z[model_key]
+        prep = speed.start_data_prep(s, zc)  # the 8K tokenizer (its stdlib windows are not used here)
+        chats = chat_data(s, z)
+        if not speed.wait_data(s, prep) or not chats or (made := sft_data(s, chats, seq)) is None:
+            return
+        sft, train = made
+        base = speed.STATE / f"base-{model}"
+        shutil.rmtree(base, ignore_errors=True)
+        cmd = [sys.executable, "benchmarks/random_base.py", "--model", model, "--out", str(base),
+               "--vocab-size", str(base_vocab)] + (["--device", "cpu"] if dry else [])  # fmt: skip
+        r = s.run(f"random {model} base", cmd, 150, 30)
+        if not r or r[0] != 0:
+            return
+        over = ["~data.streams", "~data.eval_streams", f"+data.streams={{sft: {{local: {sft}}}}}",
+                "data.num_workers=2", f"max_seq_len={seq}", f"model.max_seq_len={seq}",
+                f"global_train_batch_size={rows}", f"device_train_microbatch_size={mb}",
+                f"max_duration={steps}ba", "scheduler.t_warmup=2ba", f"load_path={base}",
+                "callbacks=[foundry.train.callbacks.memory:MemoryMonitor]"]  # fmt: skip
+        over += ([f"model={model}"] if dry else []) + ([f"model.vocab_size={vocab}"] if vocab else [])
+        results = {}
+        for kind, extra in (("lora", []), ("qlora", ["lora.quantize_base=nf4"])):
+            if kind == "qlora" and dry:
+                continue  # the tiny presets' Linears are too small for NF4 blocks
+            results[kind] = speed.trainer(s, zc, f"{model}-{seq}-{kind}-cli", recipe, over + extra, 200,
+                                          nosave=True, verb="finetune", tokenizer=sft / "tokenizer")  # fmt: skip
+        shutil.rmtree(base, ignore_errors=True)
+        row = {"kind": "lora_cli", "label": f"{model} {seq} LoRA/QLoRA (CLI, {recipe})", "seq_len": seq,
+               "rows_per_step": rows, "micro_batch": mb, "steps": steps,
+               "packing_efficiency_data": train["packing_efficiency"]}  # fmt: skip
+        for kind, r in results.items():
+            r = r or {}
+            row[kind] = {k: r.get(k) for k in ("tokens_per_s", "real_tokens_per_s", "peak_allocated_gib",
+                                              "loss_first_last", "skipped_nonfinite", "error")}  # fmt: skip
+        s.record(row)
+        s.log("lora-cli: " + json.dumps(row, default=str))
 
-def lora_cli_7b_8192(s: Session, z: dict, dry: bool) -> None:
-    """Issue 13 through the real CLI: the LoRA recipe as a user runs it (r 16 with dropout 0.05, AdamW, full
-    AC, FSDP2 on one rank, mb 1) with its data swapped for packed stdlib chats and 2 rows a step, from a
-    random base of the same preset; then QLoRA (`lora.quantize_base=nf4`). Peaks from MemoryMonitor."""
-    zc = {**speed.sizes(dry), "dry": dry, "steady": z["cli_steady"]}
-    seq, steps = z["lora_cli_seq"], z["cli_steps"]
-    prep = speed.start_data_prep(s, zc)  # the 8K tokenizer (its stdlib windows are not used here)
-    chats = chat_data(s, z)
-    if not speed.wait_data(s, prep) or not chats or (made := sft_data(s, chats, seq)) is None:
-        return
-    sft, train = made
-    base = speed.STATE / f"base-{z['mpt7b']}"
-    shutil.rmtree(base, ignore_errors=True)
-    cmd = [sys.executable, "benchmarks/random_base.py", "--model", z["mpt7b"], "--out", str(base),
-           "--vocab-size", "50432"] + (["--device", "cpu"] if dry else [])  # fmt: skip
-    r = s.run(f"random {z['mpt7b']} base", cmd, 150, 30)
-    if not r or r[0] != 0:
-        return
-    over = ["~data.streams", "~data.eval_streams", f"+data.streams={{sft: {{local: {sft}}}}}",
-            "data.num_workers=2", f"max_seq_len={seq}", f"model.max_seq_len={seq}", "model.vocab_size=50432",
-            f"global_train_batch_size={z['lora_cli_rows']}", "device_train_microbatch_size=1",
-            f"max_duration={steps}ba", "scheduler.t_warmup=2ba", f"load_path={base}",
-            "callbacks=[foundry.train.callbacks.memory:MemoryMonitor]"]  # fmt: skip
-    if dry:
-        over.append(f"model={z['mpt7b']}")
-    rows = {}
-    for kind, extra in (("lora", []), ("qlora", ["lora.quantize_base=nf4"])):
-        if kind == "qlora" and dry:
-            continue  # tiny's Linears are too small for NF4 blocks
-        rows[kind] = speed.trainer(s, zc, f"mpt-7b-{seq}-{kind}-cli", LORA_RECIPE, over + extra, 200,
-                                   nosave=True, verb="finetune", tokenizer=sft / "tokenizer")  # fmt: skip
-    shutil.rmtree(base, ignore_errors=True)
-    row = {"kind": "lora_cli", "label": f"mpt-7b {seq} LoRA/QLoRA (CLI, {LORA_RECIPE})", "seq_len": seq,
-           "rows_per_step": z["lora_cli_rows"], "micro_batch": 1, "steps": steps,
-           "packing_efficiency_data": train["packing_efficiency"]}  # fmt: skip
-    for kind, r in rows.items():
-        r = r or {}
-        row[kind] = {k: r.get(k) for k in ("tokens_per_s", "real_tokens_per_s", "peak_allocated_gib",
-                                          "loss_first_last", "skipped_nonfinite", "error")}  # fmt: skip
-    s.record(row)
-    s.log("lora-cli: " + json.dumps(row, default=str))
+    return step
 
 
 def lora_7b(seq_key: str, mb_key: str, cap: float):
@@ -250,9 +256,12 @@ STEPS = {
     "icl-vs-lm-eval": icl_vs_lm_eval,
     "pytest-gpu": pytest_gpu,
     "sft-cli-4096": sft_cli_4096,
-    "lora-cli-7b-8192": lora_cli_7b_8192,
+    "lora-cli-7b-8192": lora_cli("yamls/finetune/mpt-7b-8k-lora.yaml", "mpt7b", "s8k", 50432, 2, 1, 50432),
+    "lora-cli-llama3-8b": lora_cli(
+        "yamls/finetune/llama3-8b-lora.yaml", "llama8b", "s2k", 128256, 8, 4, None
+    ),
 }
-CLI_STEPS = ("sft-cli-4096", "lora-cli-7b-8192")
+CLI_STEPS = ("sft-cli-4096", "lora-cli-7b-8192", "lora-cli-llama3-8b")
 DEFAULT_STEPS = [n for n in STEPS if n not in CLI_STEPS]  # each CLI step takes a command of its own
 
 

@@ -314,8 +314,9 @@ def trainer(
     shutil.rmtree(run, ignore_errors=True)
     cmd = [sys.executable, "-m", "foundry.cli.main", verb, recipe, *overrides, f"save_folder={run}",
            f"tokenizer.name={tok}", "log_interval=1ba", "progress_bar=false"]  # fmt: skip
-    if s.dry:
-        cmd += ["device=cpu", "precision=fp32", "model.attn_config.attn_impl=torch"]
+    if s.dry:  # SDPA with a materialized mask: the CPU path (MPT names it under attn_config, Llama not)
+        llama = "llama" in recipe or any(o.startswith("model=llama") for o in overrides)
+        cmd += ["device=cpu", "precision=fp32", f"model.{'' if llama else 'attn_config.'}attn_impl=torch"]
     env = {"FOUNDRY_CALLBACKS": "benchmarks/bench_callbacks.py:NoCheckpoints"} if nosave else None
     r = s.run(f"trainer {label}", cmd, cap, 60, env=env)
     if r is None:

@@ -79,6 +79,23 @@ def test_bad_config(cfg_file: Path, override: str, path: str, hint: str):
     assert hint in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "path", "message"),
+    [
+        (["model=llama-tiny", "model.attn_config.attn_impl=torch"], "model.attn_config",
+         "a key of mpt_causal_lm models, not of llama_causal_lm (model.name); did you mean model.attn_impl?"),
+        (["model.attn_impl=torch"], "model.attn_impl",
+         "a key of llama_causal_lm models, not of mpt_causal_lm (model.name); did you mean model.attn_config.attn_impl?"),
+    ],
+)  # fmt: skip
+def test_a_key_of_the_other_model_family_is_named_as_such(cfg_file: Path, overrides, path, message):
+    """It used to say "model.attn_config: unknown key; did you mean model.attn_config?" for a Llama model."""
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file, overrides)
+    assert err.value.path == path
+    assert message in str(err.value)
+
+
 def test_unknown_key_in_yaml(cfg_file: Path):
     cfg_file.write_text(cfg_file.read_text().replace("  lr: 3e-4", "  lr: 3e-4\n  wieght_decay: 0.1"))
     with pytest.raises(

@@ -92,7 +92,9 @@ def _suggest(path: str, valid_here: list[str]) -> str:
     `lora`), then a near name among siblings, then a near path anywhere."""
     leaf = path.rsplit(".", 1)[-1]
     everywhere = schema_paths()
-    by_leaf = [p for p in everywhere if p.rsplit(".", 1)[-1] == leaf]
+    # Not the path itself: it is in the schema for another model family (MPT's model.attn_config under
+    # a Llama model), and "did you mean" the very key that failed helps no one.
+    by_leaf = [p for p in everywhere if p.rsplit(".", 1)[-1] == leaf and p != path]
     if by_leaf:
         return f"; did you mean {by_leaf[0]}?"
     close = difflib.get_close_matches(leaf, valid_here, n=1, cutoff=0.6)
@@ -159,17 +161,39 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def _family_twin(key: str, value: Any, hints: dict, path: str) -> str:
+    """This family's spelling of another family's key: MPT's `attn_config: {attn_impl: ...}` is a Llama
+    model's `attn_impl`, and the other way round."""
+    if isinstance(value, dict):
+        inner = [k for k in value if k in hints]
+        if inner:
+            return f"; did you mean {path}.{inner[0]}?"
+    for name, tp in hints.items():
+        tp = _unwrap_optional(tp)
+        if dataclasses.is_dataclass(tp) and key in _hints(tp):
+            return f"; did you mean {path}.{name}.{key}?"
+    near = difflib.get_close_matches(str(key), list(hints), n=1, cutoff=0.6)
+    return f"; did you mean {path}.{near[0]}?" if near else ""
+
+
 def unknown_keys(cls: type, data: Any, path: str = "") -> list[str]:
     """Every key of `data` (a YAML mapping for dataclass `cls`) that the schema does not know, each as
     "dotted.key: unknown key; did you mean ...?", in the file's order."""
     if not isinstance(data, dict):
         return []  # a wrong type, not a wrong key: _coerce says so
+    others: dict[str, str] = {}  # a key of another model family -> that family's name
     if hasattr(cls, "variant"):  # ModelConfig: the family that `name` picks
         cls = cls.variant(data, path or "model")
+        for other in cls.variants():
+            others.update({k: other.name for k in _hints(other) if other is not cls})
     hints = _hints(cls)
     out = []
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
+        if key not in hints and key in others:
+            hint = _family_twin(key, value, hints, path)
+            out.append(f"{full}: a key of {others[key]} models, not of {cls.name} (model.name){hint}")
+            continue
         if key not in hints:
             out.append(f"{full}: unknown key{_suggest(full, list(hints))}")
             continue
