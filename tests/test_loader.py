@@ -407,6 +407,49 @@ def test_stale_shared_memory_of_a_killed_process_does_not_block_the_next_run(tmp
     assert _registrations_of(cache) == ()
 
 
+def test_two_jobs_on_one_machine_register_with_streaming_one_at_a_time(tmp_path):
+    """Streaming picks a free shared-memory prefix by looking, then creates it; two jobs starting together
+    picked the same one and the second died ("FileExistsError: '/000047_locals'", seen in CI with two
+    pytest workers). A job's leader waits for the machine-wide lock while another job registers."""
+    import fcntl
+    import time
+    from tempfile import gettempdir
+
+    from foundry.data.streaming_compat import REGISTRATION_LOCK
+
+    src = write_windows(tmp_path / "src", 1, 20)
+    ready, opened = tmp_path / "ready", tmp_path / "opened"
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from foundry.config.schema import DataConfig, StreamConfig
+        from foundry.data.phase_loader import build_phase_loader
+        data = DataConfig(streams={{"a": StreamConfig(local={str(src)!r})}}, num_workers=0)
+        Path({str(ready)!r}).touch()
+        ld = build_phase_loader(data, seq_len=32, global_batch_rows=8, micro_batch_rows=2, rank=0, world_size=1, seed=3)
+        ld.next_step()
+        Path({str(opened)!r}).touch()
+        ld.close()
+        """
+    )
+    with open(os.path.join(gettempdir(), REGISTRATION_LOCK), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another job registering its folders
+        proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "not ready in 120 s"
+            # Unlocked, it opens within a few seconds from here (a busy 2-core machine included).
+            time.sleep(8)
+            assert not opened.exists() and proc.poll() is None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert opened.exists()
+
+
 def _registrations_of(folder: Path) -> tuple[str, ...]:
     """Prefixes of Streaming shared-memory registrations that name `folder` (other jobs may have their own)."""
     from streaming.base.shared.prefix import _unpack_locals

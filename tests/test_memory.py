@@ -277,16 +277,25 @@ def test_lora_parameters_are_trained_fp32_and_a_frozen_base_with_no_gradients_or
     assert lora.activations_no_ac - whole.activations_no_ac == 8192 * 32 * 4 * 16 * 2
 
 
-# `foundry finetune yamls/finetune/mpt-7b-8k-lora.yaml` itself on one H200 (2026-12-01, lease w,
-# docs/gpu-logs/2026-12-01-h200-w-*): 8192 tokens, mb 1, AdamW, full AC, ChatML's 2 rows training, packed
-# chats; MemoryMonitor's peak allocated, GiB.
-CLI_PEAKS_GIB = [("null", 17.83), ("nf4", 9.11)]
+# The LoRA recipes themselves, `foundry finetune` on one H200 (2026-12-01, leases w and x,
+# docs/gpu-logs/2026-12-01-h200-w-* and -x-*): packed chats, ChatML's 2 rows training, AdamW, full AC;
+# mpt-7b-8k-lora at 8192 x mb 1, llama3-8b-lora (r 64) at 2048 x mb 4. MemoryMonitor's peak allocated, GiB.
+CLI_PEAKS_GIB = [
+    ("mpt-7b-8k-lora", ["global_train_batch_size=2"], "null", 17.83),
+    ("mpt-7b-8k-lora", ["global_train_batch_size=2"], "nf4", 9.11),
+    ("llama3-8b-lora", ["global_train_batch_size=8"], "null", 26.68),
+    ("llama3-8b-lora", ["global_train_batch_size=8"], "nf4", 17.05),
+]
 
 
-@pytest.mark.parametrize("base,peak_gib", CLI_PEAKS_GIB, ids=[b for b, _ in CLI_PEAKS_GIB])
-def test_plan_of_the_lora_recipe_holds_the_peak_of_its_own_run_on_an_h200(cli, base, peak_gib):
-    result = cli("plan", "yamls/finetune/mpt-7b-8k-lora.yaml", "load_path=weights/mpt-7b-8k",
-                 "global_train_batch_size=2", f"lora.quantize_base={base}", "--gpus", "1", "--json")  # fmt: skip
+@pytest.mark.parametrize(
+    "recipe,overrides,base,peak_gib", CLI_PEAKS_GIB, ids=[f"{r}-{b}" for r, _, b, _ in CLI_PEAKS_GIB]
+)
+def test_plan_of_a_lora_recipe_holds_the_peak_of_its_own_run_on_an_h200(
+    cli, recipe, overrides, base, peak_gib
+):
+    result = cli("plan", f"yamls/finetune/{recipe}.yaml", "load_path=weights/base", *overrides,
+                 f"lora.quantize_base={base}", "--gpus", "1", "--json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     total = json.loads(result.stdout)["memory"]["bytes"]["total"] / 2**30
     assert 0.88 < peak_gib / total < 1.12, (total, peak_gib)

@@ -10,6 +10,8 @@ way to do what a resumable, multi-phase, killable trainer needs, through the pri
   /dev/shm, and Streaming refuses them forever after (until reboot).
 - `release_shared_memory` / `shutdown`: a phase loader rebuilt in the same process (a curriculum
   phase switch, a resume) needs the folders and name prefixes it held given back now, not at exit.
+- `_registration_lock`: Streaming's choice of a shared-memory prefix is look-then-create, racy between
+  two jobs on one machine; foundry's local leaders take turns.
 - `eval_shards`: the eval loader reads every window once, in order, by shard, without a
   StreamingDataset (no shuffling, no shared memory, no epoch padding).
 
@@ -141,6 +143,29 @@ def _mapped_by_a_process(segment: Path) -> bool:
     return False
 
 
+REGISTRATION_LOCK = "foundry-streaming-registration.lock"
+
+
+@contextmanager
+def _registration_lock(local_leader: bool):
+    """One job on this machine at a time registers its folders with Streaming. Streaming picks the first
+    free shared-memory prefix by looking, then creates it: two jobs starting together (two pytest workers, a
+    training run and a `foundry eval`, a SLURM array on one node) both pick the same prefix and the second
+    dies with "FileExistsError: '/000047_locals'". The leader holds the lock from before its ranks scan
+    until its prefix exists; the other ranks of its job scan and attach inside that window."""
+    if not local_leader:
+        yield
+        return
+    import fcntl
+
+    with open(os.path.join(gettempdir(), REGISTRATION_LOCK), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def open_dataset(
     data: DataConfig,
     shuffle_seed: int,
@@ -151,22 +176,23 @@ def open_dataset(
     from streaming import StreamingDataset
 
     streams = build_streams(data.streams, "data.streams", warn=False)
-    if local_leader:  # only the process that registers the node's folders; the others attach to them
-        clear_stale_registrations([os.path.join(s.local, s.split) for s in streams])
-    # Every rank picks Streaming's shared-memory prefix by scanning /dev/shm and the lock files before
-    # Streaming's own barrier: none may scan while the leader is still removing stale ones.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
     try:
-        return StreamingDataset(
-            streams=streams,
-            shuffle=data.shuffle,
-            shuffle_seed=shuffle_seed,
-            num_canonical_nodes=canonical_nodes,
-            batching_method=data.batching_method,
-            cache_limit=data.cache_limit,
-            epoch_size=epoch_size,
-        )
+        with _registration_lock(local_leader):
+            if local_leader:  # only the process that registers the node's folders; the others attach
+                clear_stale_registrations([os.path.join(s.local, s.split) for s in streams])
+            # Every rank picks Streaming's shared-memory prefix by scanning /dev/shm and the lock files
+            # before Streaming's own barrier: none may scan while the leader is still removing stale ones.
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            return StreamingDataset(
+                streams=streams,
+                shuffle=data.shuffle,
+                shuffle_seed=shuffle_seed,
+                num_canonical_nodes=canonical_nodes,
+                batching_method=data.batching_method,
+                cache_limit=data.cache_limit,
+                epoch_size=epoch_size,
+            )
     except ValueError as e:
         if "Reused local directory" in str(e):
             raise DataError(
