@@ -336,7 +336,7 @@ def test_yaml_mapping_picks_the_llama_family_and_checks_its_keys():
     assert isinstance(cfg, LlamaConfig) and cfg.rope_scaling.factor == 32.0 and cfg.n_kv_heads == 4
     with pytest.raises(ConfigError, match="n_kv_heads"):
         from_dict(ModelConfig, {"name": "llama_causal_lm", "n_kv_head": 2}, "model")
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="a key of mpt_causal_lm models, not of llama_causal_lm"):
         from_dict(ModelConfig, {"name": "llama_causal_lm", "expansion_ratio": 4}, "model")
 
 
