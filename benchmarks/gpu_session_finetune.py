@@ -113,18 +113,26 @@ def sft_data(s: Session, chats: list[Path], seq: int) -> tuple[Path, dict] | Non
     return out, train
 
 
+def packed_chats(s: Session, z: dict, dry: bool, seq: int) -> tuple[dict, Path, dict] | None:
+    """What every CLI step starts from: the CLI rows' sizes, and stdlib chats packed into windows of seq
+    (with the 8K tokenizer, trained while the chats are written). None when a part failed."""
+    zc = {**speed.sizes(dry), "dry": dry, "steady": z["cli_steady"]}
+    prep = speed.start_data_prep(s, zc)
+    chats = chat_data(s, z)
+    if not speed.wait_data(s, prep) or not chats or (made := sft_data(s, chats, seq)) is None:
+        return None
+    return (zc, *made)
+
+
 def sft_cli_4096(s: Session, z: dict, dry: bool) -> None:
     """Issue 9 through the real CLI, like for like: `foundry pretrain` (the MPT-1B recipe, no QK LayerNorm,
     Lion 1e-4) on the stdlib's windows, then `foundry finetune` from its last checkpoint on packed chat
     windows (seq_ids: FlexAttention's document mask on CUDA), same recipe, shape and optimizer, no checkpoint
     saved. Pretraining counts every token; SFT only the conversations' (real_tokens_per_s, one GPU)."""
-    zc = {**speed.sizes(dry), "dry": dry, "steady": z["cli_steady"]}  # the CLI rows' vocabulary and data
     seq, mb, ga, steps = z["cli_seq"], z["mb"], 2, z["cli_steps"]
-    prep = speed.start_data_prep(s, zc)
-    chats = chat_data(s, z)  # while the tokenizer trains
-    if not speed.wait_data(s, prep) or not chats or (made := sft_data(s, chats, seq)) is None:
+    if (ready := packed_chats(s, z, dry, seq)) is None:
         return
-    sft, train = made
+    zc, sft, train = ready
     pre_label, sft_label = f"mpt-1b-{seq}-pretrain", f"mpt-1b-{seq}-sft"
     # flex on CUDA (what auto picks for ALiBi), named so that the SFT row's document mask is flex's
     same = zc["model_sets_1b"] + ([] if dry else ["model.attn_config.attn_impl=flex"])
@@ -132,22 +140,21 @@ def sft_cli_4096(s: Session, z: dict, dry: bool) -> None:
     # Its run folder stays: the end-of-run checkpoint (~10.5 GB at MPT-1B, ~12 s) is what finetune loads.
     pre = speed.trainer(s, zc, pre_label, speed.RECIPE_1B, over, 150, keep=True)
     base = speed.run_folder(pre_label)
-    verb = "finetune" if (base / "checkpoints").is_dir() and any((base / "checkpoints").iterdir()) else None
-    if verb is None:  # finetune needs weights to start from; the same trainer runs without them
-        s.log("sft: the pretraining row left no checkpoint: `foundry pretrain` on the SFT data, random init")
-    over = speed.trainer_overrides(zc, seq, mb, ga, steps, None, same, data=sft)
-    over.append(f"load_path={base}" if verb else "load_path=null")
-    ft = speed.trainer(s, zc, sft_label, speed.RECIPE_1B, over, 180, nosave=True, verb=verb or "pretrain",
+    if not (pre and pre.get("exit") == 0 and (base / "checkpoints").is_dir()):
+        s.log("sft: the pretraining row failed or left no checkpoint for finetune to load")
+        shutil.rmtree(base, ignore_errors=True)
+        return
+    over = speed.trainer_overrides(zc, seq, mb, ga, steps, None, same, data=sft) + [f"load_path={base}"]
+    ft = speed.trainer(s, zc, sft_label, speed.RECIPE_1B, over, 180, nosave=True, verb="finetune",
                        tokenizer=sft / "tokenizer")  # fmt: skip
     shutil.rmtree(base, ignore_errors=True)
-    pre_tps = (pre or {}).get("tokens_per_s")
+    pre_tps = pre.get("tokens_per_s")
     real = (ft or {}).get("real_tokens_per_s")
     world = 1  # real_tokens_per_s counts every rank's real tokens; tokens_per_s (pretraining) is per device
     ratio = real / world / pre_tps if real and pre_tps else None
     row = {"kind": "sft_vs_pretrain", "label": f"mpt-1b {seq} packed SFT vs pretraining (CLI)",
            "seq_len": seq, "micro_batch": mb, "grad_accum": ga, "steps": steps,
            "steady_steps": list(zc["steady"]), "world_size": world,
-           "sft_command": f"foundry {verb or 'pretrain'}",
            "attention": "torch (CPU)" if dry else "flex (document mask)",
            "pretrain_tokens_per_s": pre_tps, "sft_real_tokens_per_s": real,
            "sft_slot_tokens_per_s": (ft or {}).get("tokens_per_s"),
@@ -155,7 +162,7 @@ def sft_cli_4096(s: Session, z: dict, dry: bool) -> None:
            "data": {"conversations": train["documents"], "windows": train["windows"],
                     "packing_efficiency": train["packing_efficiency"],
                     "epochs_trained": round(steps * mb * ga / train["windows"], 2)},
-           "pretrain_mfu": (pre or {}).get("mfu"), "sft_mfu_slots": (ft or {}).get("mfu"),
+           "pretrain_mfu": pre.get("mfu"), "sft_mfu_slots": (ft or {}).get("mfu"),
            "sft_loss_first_last": (ft or {}).get("loss_first_last"),
            "sft_skipped_nonfinite": (ft or {}).get("skipped_nonfinite"),
            "ratio": ratio, "target": 0.9, "meets_target": ratio >= 0.9 if ratio else None}  # fmt: skip
@@ -175,13 +182,10 @@ def lora_cli(
     preset leaves it to the tokenizer (a tiny dry-run preset) and the base must match it."""
 
     def step(s: Session, z: dict, dry: bool) -> None:
-        zc = {**speed.sizes(dry), "dry": dry, "steady": z["cli_steady"]}
         seq, steps, model = z[seq_key], z["cli_steps"], z[model_key]
-        prep = speed.start_data_prep(s, zc)  # the 8K tokenizer (its stdlib windows are not used here)
-        chats = chat_data(s, z)
-        if not speed.wait_data(s, prep) or not chats or (made := sft_data(s, chats, seq)) is None:
+        if (ready := packed_chats(s, z, dry, seq)) is None:
             return
-        sft, train = made
+        zc, sft, train = ready
         base = speed.STATE / f"base-{model}"
         shutil.rmtree(base, ignore_errors=True)
         cmd = [sys.executable, "benchmarks/random_base.py", "--model", model, "--out", str(base),

@@ -17,15 +17,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing (the GPU machine)
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import load_preset  # noqa: E402  (puts the checkout on sys.path too)
 
 from foundry.checkpoint import save_weights  # noqa: E402
-from foundry.config.load import from_dict, to_yaml  # noqa: E402
-from foundry.config.model import ModelConfig  # noqa: E402
+from foundry.config.load import to_yaml  # noqa: E402
 from foundry.config.schema import TrainConfig  # noqa: E402
 from foundry.models.build import build_model  # noqa: E402
 
@@ -38,15 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    preset = ROOT / "yamls" / "model" / f"{args.model}.yaml"
-    if not preset.is_file():
-        p.error(
-            f"no preset {preset}; the presets are {', '.join(sorted(f.stem for f in preset.parent.glob('*.yaml')))}"
-        )
-    cfg = from_dict(ModelConfig, yaml.safe_load(preset.read_text()))
-    if args.vocab_size:
-        cfg.vocab_size = args.vocab_size
-    cfg.vocab_size = cfg.vocab_size or 50432
+    cfg = load_preset(args.model)
+    cfg.vocab_size = args.vocab_size or cfg.vocab_size or 50432
     t0 = time.perf_counter()
     model = build_model(cfg, device=args.device, seed=args.seed)
     state = {k: v.detach() for k, v in model.state_dict().items()}

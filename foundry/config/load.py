@@ -92,9 +92,7 @@ def _suggest(path: str, valid_here: list[str]) -> str:
     `lora`), then a near name among siblings, then a near path anywhere."""
     leaf = path.rsplit(".", 1)[-1]
     everywhere = schema_paths()
-    # Not the path itself: it is in the schema for another model family (MPT's model.attn_config under
-    # a Llama model), and "did you mean" the very key that failed helps no one.
-    by_leaf = [p for p in everywhere if p.rsplit(".", 1)[-1] == leaf and p != path]
+    by_leaf = [p for p in everywhere if p.rsplit(".", 1)[-1] == leaf]
     if by_leaf:
         return f"; did you mean {by_leaf[0]}?"
     close = difflib.get_close_matches(leaf, valid_here, n=1, cutoff=0.6)
